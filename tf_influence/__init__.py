@@ -1,0 +1,40 @@
+"""tf_influence: influence functions and inverse-Hessian-vector products for TensorFlow / Keras."""
+
+from tf_influence.checks import HVPCheck, check_hvp
+from tf_influence.data import as_dataset
+from tf_influence.errors import (
+    DivergenceError,
+    InfluenceError,
+    InputError,
+    NegativeCurvatureError,
+    NotFiniteError,
+    ResourceError,
+    SecondDerivativeError,
+    UnsupportedLayerError,
+)
+from tf_influence.objective import Objective
+from tf_influence.operators import HessianOperator
+from tf_influence.params import ParameterSpace, select_variables
+from tf_influence.spectrum import SpectrumEstimate, extreme_eigenvalues
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DivergenceError",
+    "HVPCheck",
+    "HessianOperator",
+    "InfluenceError",
+    "InputError",
+    "NegativeCurvatureError",
+    "NotFiniteError",
+    "Objective",
+    "ParameterSpace",
+    "ResourceError",
+    "SecondDerivativeError",
+    "SpectrumEstimate",
+    "UnsupportedLayerError",
+    "as_dataset",
+    "check_hvp",
+    "extreme_eigenvalues",
+    "select_variables",
+]

@@ -1,0 +1,152 @@
+"""Training and test data as batched `tf.data.Dataset`s of `(x, y, w)` triples.
+
+Users pass either a tuple of arrays `(x, y)` / `(x, y, w)` (x may be a list or dict of arrays for
+multi-input models) or a batched `tf.data.Dataset` yielding such tuples, of known or unknown
+cardinality and with a partial last batch. Inside the library everything is a dataset of
+`(x, y, w)` with `w` a float vector (ones when the user gave no weights), so weighted means are
+exact sums `Σ wᵢ ℓᵢ / Σ wᵢ`, independent of how the data is batched.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from tf_influence.errors import InputError
+
+DEFAULT_BATCH_SIZE = 256
+
+
+def as_dataset(data, *, batch_size=None, name="data"):
+    """Returns `data` as a batched `tf.data.Dataset` of `(x, y, w)` triples.
+
+    Args:
+      data: a tuple `(x, y)` or `(x, y, w)` of arrays (x may be a list/tuple/dict of arrays), or a
+        batched `tf.data.Dataset` whose elements are such tuples.
+      batch_size: batch size used when `data` holds arrays (default 256). Ignored for datasets,
+        which keep their own batching.
+      name: what to call the data in error messages (e.g. "train", "test").
+
+    Returns:
+      A `tf.data.Dataset` of `(x, y, w)`, `w` of dtype float32 or float64 (ones if not given).
+
+    Example:
+      >>> ds = as_dataset((np.zeros((10, 3)), np.ones(10)), batch_size=4)
+      >>> [int(w.shape[0]) for _, _, w in ds]
+      [4, 4, 2]
+    """
+    if isinstance(data, tf.data.Dataset):
+        return _from_dataset(data, name)
+    if isinstance(data, (tuple, list)) and len(data) in (2, 3):
+        return _from_arrays(data, batch_size, name)
+    raise InputError(
+        f"{name} must be a tuple (x, y) or (x, y, w) of arrays, or a batched tf.data.Dataset "
+        f"yielding such tuples. Received: {type(data).__name__}"
+        + (f" of length {len(data)}" if isinstance(data, (tuple, list)) else "")
+        + "."
+    )
+
+
+def num_examples(data):
+    """Number of examples in `data` (arrays or dataset), counting partial batches exactly."""
+    if isinstance(data, (tuple, list)) and not isinstance(data, tf.data.Dataset):
+        return _length(data[1], "y")
+    total = 0
+    for _, y, *_ in data:
+        total += int(tf.shape(tf.nest.flatten(y)[0])[0])
+    return total
+
+
+def _length(array, what):
+    flat = tf.nest.flatten(array)
+    if not flat:
+        raise InputError(f"{what} is empty: expected at least one array. Received: {array!r}.")
+    return int(np.shape(flat[0])[0]) if np.ndim(flat[0]) else 0
+
+
+def _from_arrays(data, batch_size, name):
+    x, y = data[0], data[1]
+    w = data[2] if len(data) == 3 else None
+    lengths = {"x": [np.shape(a)[0] if np.ndim(a) else None for a in tf.nest.flatten(x)],
+               "y": [np.shape(a)[0] if np.ndim(a) else None for a in tf.nest.flatten(y)]}
+    if w is not None:
+        lengths["w"] = [np.shape(w)[0] if np.ndim(w) else None]
+    sizes = {n for ls in lengths.values() for n in ls}
+    if None in sizes:
+        raise InputError(f"Every array in {name} needs a leading example axis; a scalar was given.")
+    if len(sizes) != 1:
+        raise InputError(
+            f"{name}: x, y (and w) must have the same number of examples (first axis). "
+            f"Received lengths {lengths}."
+        )
+    (n,) = sizes
+    if n == 0:
+        raise InputError(f"{name} is empty (0 examples): influence needs at least one example.")
+    for part, arrays in (("x", x), ("y", y)):
+        for a in tf.nest.flatten(arrays):
+            a = np.asarray(a)
+            if a.dtype.kind not in "biuf":
+                raise InputError(
+                    f"{name}: {part} must be numeric. Received dtype {a.dtype}; encode strings or "
+                    "objects as numbers first."
+                )
+            if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+                bad = int(np.sum(~np.isfinite(a)))
+                raise InputError(
+                    f"{name}: {part} contains {bad} NaN/Inf value(s). Clean or impute them before "
+                    "computing influence."
+                )
+    if w is None:
+        w = np.ones(n, dtype=_float_dtype_of(x))
+    else:
+        w = np.asarray(w)
+        if w.ndim != 1 or w.dtype.kind not in "biuf" or not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise InputError(
+                f"{name}: sample weights must be a finite, non-negative vector of shape [{n}]. "
+                f"Received shape {w.shape}, dtype {w.dtype}."
+            )
+        if not np.any(w > 0):
+            raise InputError(f"{name}: every sample weight is zero; the mean objective is undefined.")
+        w = w.astype(_float_dtype_of(x))
+    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer. Received: batch_size={batch_size!r}.")
+    x = tf.nest.map_structure(np.asarray, x)
+    y = tf.nest.map_structure(np.asarray, y)
+    return tf.data.Dataset.from_tensor_slices((x, y, w)).batch(int(batch_size))
+
+
+def _float_dtype_of(x):
+    for a in tf.nest.flatten(x):
+        if np.asarray(a).dtype == np.float64:
+            return np.float64
+    return np.float32
+
+
+def _from_dataset(dataset, name):
+    spec = dataset.element_spec
+    if not isinstance(spec, tuple) or len(spec) not in (2, 3):
+        raise InputError(
+            f"{name}: the dataset must yield tuples (x, y) or (x, y, w). Received elements with "
+            f"spec {spec}. Use dataset.map(lambda ...: (x, y)) to reshape them."
+        )
+    y_spec = tf.nest.flatten(spec[1])[0]
+    if y_spec.shape.rank == 0:
+        raise InputError(
+            f"{name}: the dataset yields single examples (labels of rank 0); it must be batched. "
+            "Call dataset.batch(batch_size) first."
+        )
+    if len(spec) == 3:
+        return dataset.map(lambda x, y, w: (x, y, tf.reshape(w, [-1])))
+
+    def add_weights(x, y):
+        dtype = tf.float64 if any(s.dtype == tf.float64 for s in tf.nest.flatten(spec[0])) else tf.float32
+        n = tf.shape(tf.nest.flatten(y)[0])[0]
+        return x, y, tf.ones([n], dtype)
+
+    return dataset.map(add_weights)
+
+
+def first_batch(dataset, name="data"):
+    """The first `(x, y, w)` batch of a dataset; raises a clear error if the dataset is empty."""
+    for batch in dataset.take(1):
+        return batch
+    raise InputError(f"{name} is empty: the dataset yielded no batch. Influence needs at least one example.")
