@@ -109,9 +109,18 @@ def _from_arrays(data, batch_size, name):
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer. Received: batch_size={batch_size!r}.")
-    x = tf.nest.map_structure(np.asarray, x)
-    y = tf.nest.map_structure(np.asarray, y)
+    x = _lists_to_tuples(tf.nest.map_structure(np.asarray, x))
+    y = _lists_to_tuples(tf.nest.map_structure(np.asarray, y))
     return tf.data.Dataset.from_tensor_slices((x, y, w)).batch(int(batch_size))
+
+
+def _lists_to_tuples(structure):
+    # tf.data reads a Python list as one tensor; a tuple keeps multi-input x as separate arrays.
+    if isinstance(structure, list):
+        return tuple(_lists_to_tuples(s) for s in structure)
+    if isinstance(structure, dict):
+        return {k: _lists_to_tuples(v) for k, v in structure.items()}
+    return structure
 
 
 def _float_dtype_of(x):

@@ -97,7 +97,9 @@ class HessianOperator(tf.linalg.LinearOperator):
             if traps and on_unsafe_layers == "warn":
                 warnings.warn(trap_message(traps, mode), stacklevel=2)
         self._tf_vars = tf_variables(self.selected_variables)
-        self._data_pass = tf.function(self._data_pass_fn, jit_compile=jit_compile)
+        # XLA cannot compile dataset iteration, so only the per-batch product is jit-compiled.
+        self._batch_product = tf.function(self._batch_product_fn, jit_compile=jit_compile)
+        self._data_pass = tf.function(self._data_pass_fn)
         self._gradient_pass = tf.function(self._gradient_pass_fn)
         p = self.space.size
         self._pd_promise = is_positive_definite
@@ -181,12 +183,15 @@ class HessianOperator(tf.linalg.LinearOperator):
         total = tf.zeros_like(vectors)
         weight = tf.zeros([], dtype=tf.float64)
         for batch in self.dataset:
-            products = _hvp.batch_curvature_product(
-                self.objective, self._tf_vars, batch, tangents, mode=self.mode, curvature=self.curvature)
-            total += self.space.flatten(products, batch_dims=1)
+            total += self._batch_product(batch, tangents)
             weight += tf.cast(tf.reduce_sum(batch[2]), tf.float64)
         tf.debugging.assert_positive(weight, message="The data has zero total sample weight (or no examples).")
         return total, weight
+
+    def _batch_product_fn(self, batch, tangents):
+        products = _hvp.batch_curvature_product(
+            self.objective, self._tf_vars, batch, tangents, mode=self.mode, curvature=self.curvature)
+        return self.space.flatten(products, batch_dims=1)
 
     def _regularizer_product(self, vectors):
         if not self.objective.l2 and not _has_regularizers(self.model):
