@@ -171,6 +171,23 @@ class HessianOperator(tf.linalg.LinearOperator):
         options.update(changes)
         return HessianOperator(self.model, self.objective, self._data, self.selected_variables, **options)
 
+    def batch_apply(self, batch, vectors):
+        """Curvature of ONE batch `(x, y, w)` times each row of `vectors` `[k, p]`, without damping.
+
+        Returns `Σ_{i∈batch} wᵢ Cᵢ v / Σ_{i∈batch} wᵢ + ∇²Ω v` (`[k, p]`): the minibatch estimate
+        `H̃` of `H` that stochastic solvers (LiSSA) use. Traceable inside `tf.function`; no NaN
+        check and no damping (add `self.damping · v` yourself).
+        """
+        if self.mode == "finite_difference" and self.curvature == "hessian":
+            raise InputError(
+                "batch_apply has no finite-difference form (it moves the variables over the whole "
+                "data set). Use mode='forward_over_back' or 'back_over_back' for minibatch products."
+            )
+        vectors = tf.convert_to_tensor(vectors, dtype=self.dtype)
+        total = self._batch_product(batch, self.space.unflatten(vectors))
+        weight = tf.cast(tf.reduce_sum(batch[2]), self.dtype)
+        return total / weight + self._regularizer_product(vectors)
+
     def gradient(self):
         """Flat gradient `∇R(θ)` of the mean objective (regulariser included)."""
         total, weight = self._gradient_pass()
