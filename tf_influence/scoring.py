@@ -1,0 +1,43 @@
+"""Per-example gradients and gradient-vector products of one batch.
+
+`⟨gᵢ, s⟩` for every example i of a batch is one forward-mode pass: the jvp of the vector of
+per-example losses along s. That is how training points are scored against test IHVPs, without
+ever materialising the `[batch, p]` per-example gradient tensor. Per-example gradients themselves
+(`per_example_gradients`) are only needed for the right-hand sides (test points, self-influence).
+"""
+
+import tensorflow as tf
+
+from tf_influence.params import densify
+
+_ZERO = tf.UnconnectedGradients.ZERO
+
+
+def per_example_losses(objective, batch):
+    x, y, _ = batch
+    return objective.per_example_loss(y, objective.outputs(x))
+
+
+def per_example_gradients(objective, tf_vars, space, batch):
+    """`[batch, p]`: the gradient of each example's loss (no weights, no regulariser)."""
+    with tf.GradientTape() as tape:
+        tape.watch(tf_vars)
+        losses = per_example_losses(objective, batch)
+    jac = tape.jacobian(losses, tf_vars, unconnected_gradients=_ZERO)
+    return space.flatten([densify(j) for j in jac], batch_dims=1)
+
+
+def gradient_dot(objective, tf_vars, space, batch, directions):
+    """`[batch, k]`: `⟨gᵢ, sⱼ⟩` for each example i and each row sⱼ of `directions` `[k, p]`."""
+    tangents = space.unflatten(directions)
+
+    def one(tangent):
+        with tf.autodiff.ForwardAccumulator(tf_vars, tangent) as acc:
+            losses = per_example_losses(objective, batch)
+        return acc.jvp(losses, unconnected_gradients=_ZERO)
+
+    k = directions.shape[0]
+    if k is not None and k <= 8:
+        return tf.stack([one([t[j] for t in tangents]) for j in range(k)], axis=1)
+    columns = tf.map_fn(one, tangents, fn_output_signature=tf.TensorSpec([None], directions.dtype))
+    return tf.transpose(columns)
