@@ -1,0 +1,329 @@
+"""KFAC and EKFAC factors of the Fisher / Gauss-Newton matrix, fitted over a data set.
+
+For a layer with input rows `a` (1 appended for the bias) and pre-activation gradient rows `g`,
+the per-example weight gradient is `G_i = Σ_t a_t g_tᵀ` (`[d_a, d_g]`). With `w_i` the sample
+weights and `W = Σ w_i` (the normalisation of `HessianOperator`'s mean objective):
+
+    A = Σ_i w_i Σ_t a_t a_tᵀ / (T·W)        S = Σ_i w_i Σ_t g_t g_tᵀ / W       (first pass)
+    A = Q_A diag(λ_A) Q_Aᵀ,  S = Q_S diag(λ_S) Q_Sᵀ
+    KFAC:  C ≈ A ⊗ S, eigenvalues λ_A ⊗ λ_S in the basis Q_A ⊗ Q_S
+    EKFAC: eigenvalues Λ* = Σ_i w_i (Q_Aᵀ G_i Q_S)² / W                     (second pass)
+
+(T = positions: 1 for Dense on vectors, output pixels for a convolution, KFC.) `g` comes from the
+output-space targets of `targets.py`: sampled labels (true Fisher, default), true labels (empirical
+Fisher) or the exact output Hessian (GGN). With a single example and T = 1, KFAC is exactly the
+layer's block of that curvature.
+
+Memory: per layer `d_a² + d_g² + d_a·d_g`; the EKFAC pass of a layer with T > 1 positions holds
+`N·d_a·d_g` numbers per batch of N examples (choose the batch size accordingly).
+"""
+
+import dataclasses
+import logging
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from tf_influence.curvature import targets as _targets
+from tf_influence.curvature.capture import capture, find_blocks
+from tf_influence.data import as_dataset, first_batch
+from tf_influence.errors import InputError, NotFiniteError
+from tf_influence.objective import Objective
+from tf_influence.params import ParameterSpace, select_variables
+
+_log = logging.getLogger(__name__)
+
+METHODS = ("ekfac", "kfac")
+_ZERO = tf.UnconnectedGradients.ZERO
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorSettings:
+    """Settings that change the fitted factors (saved with them and checked on reload).
+
+    Attributes:
+      method: "ekfac" (eigenvalue-corrected, two passes) or "kfac" (one pass).
+      fisher: "true" (labels sampled from the model, default), "empirical" (true labels) or
+        "ggn" (exact Gauss-Newton, one backward pass per output unit).
+      num_samples: sampled labels per example for fisher="true".
+      seed: seed of the label sampling (the same labels in both passes).
+      dtype: accumulation and factor dtype, "float64" (default) or "float32".
+    """
+
+    method: str = "ekfac"
+    fisher: str = "true"
+    num_samples: int = 1
+    seed: int = 0
+    dtype: str = "float64"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise InputError(f"method must be one of {METHODS}. Received: method={self.method!r}.")
+        if self.fisher not in _targets.FISHER_MODES:
+            raise InputError(
+                f"fisher must be one of {_targets.FISHER_MODES}. Received: fisher={self.fisher!r}.")
+        if not isinstance(self.num_samples, (int, np.integer)) or self.num_samples < 1:
+            raise InputError(f"num_samples must be a positive integer. Received: num_samples={self.num_samples!r}.")
+        if not isinstance(self.seed, (int, np.integer)):
+            raise InputError(f"seed must be an integer. Received: seed={self.seed!r}.")
+        if self.dtype not in ("float64", "float32"):
+            raise InputError(f"dtype must be 'float64' or 'float32'. Received: dtype={self.dtype!r}.")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerFactors:
+    """Eigendecomposed factors of one layer (tensors of the settings' dtype).
+
+    Attributes:
+      q_a: eigenvectors of A `[d_a, d_a]`, or None for the identity (Embedding: A is diagonal).
+      eig_a: eigenvalues of A `[d_a]`.
+      q_s: eigenvectors of S `[d_g, d_g]`.
+      eig_s: eigenvalues of S `[d_g]`.
+      corrected: EKFAC eigenvalues Λ* `[d_a, d_g]` (None for KFAC).
+    """
+
+    q_a: tf.Tensor
+    eig_a: tf.Tensor
+    q_s: tf.Tensor
+    eig_s: tf.Tensor
+    corrected: tf.Tensor = None
+
+    def eigenvalues(self, method):
+        """`[d_a, d_g]` eigenvalues of the layer's curvature in the basis `Q_A ⊗ Q_S`."""
+        if method == "ekfac":
+            if self.corrected is None:
+                raise InputError("These factors were fitted with method='kfac'; refit with method='ekfac'.")
+            return self.corrected
+        return self.eig_a[:, tf.newaxis] * self.eig_s[tf.newaxis, :]
+
+
+class Factors:
+    """Fitted KFAC/EKFAC factors for the selected variables of a model.
+
+    Use `fit_factors` to create them and `EKFACOperator(factors, damping=...)` to apply the
+    approximate curvature or its inverse. `save`/`load` live in `storage.py`.
+
+    Attributes:
+      settings: the `FactorSettings`.
+      blocks: the `LayerBlock`s (one per layer), in model order.
+      layers: the `LayerFactors`, one per block.
+      variables: the selected variables; `space`: their `ParameterSpace`.
+      model: the model; `objective`: the `Objective` they were fitted with (None after `load`).
+      num_examples: examples seen; `total_weight`: their summed sample weight.
+    """
+
+    def __init__(self, settings, model, variables, blocks, layers, *, objective=None,
+                 num_examples=0, total_weight=0.0, seconds=0.0):
+        self.settings = settings
+        self.model = model
+        self.variables = list(variables)
+        self.space = ParameterSpace(self.variables)
+        self.blocks = list(blocks)
+        self.layers = list(layers)
+        self.objective = objective
+        self.num_examples = int(num_examples)
+        self.total_weight = float(total_weight)
+        self.seconds = float(seconds)
+
+    @property
+    def method(self):
+        return self.settings.method
+
+    def eigenvalues(self):
+        """Per layer, the `[d_a, d_g]` curvature eigenvalues (Λ* for EKFAC, λ_A ⊗ λ_S for KFAC)."""
+        return [layer.eigenvalues(self.method) for layer in self.layers]
+
+    def __repr__(self):
+        names = [b.name for b in self.blocks]
+        return (f"Factors(method={self.method!r}, fisher={self.settings.fisher!r}, layers={names}, "
+                f"parameters={self.space.size}, examples={self.num_examples})")
+
+
+def fit_factors(objective, data, variables=None, *, method="ekfac", fisher="true", num_samples=1,
+                seed=0, dtype="float64", batch_size=None):
+    """Fits KFAC or EKFAC factors with one (KFAC) or two (EKFAC) passes over the data.
+
+    Args:
+      objective: an `Objective` (model + per-example loss).
+      data: `(x, y)` / `(x, y, w)` arrays or a batched `tf.data.Dataset`.
+      variables: `None` (all trainable), or layers / layer names / variables, as in
+        `tfi.select_variables`. Every selected variable must sit in a supported layer.
+      method: "ekfac" or "kfac".
+      fisher: "true" (default), "empirical" or "ggn" (see `FactorSettings`).
+      num_samples: label samples per example for fisher="true".
+      seed: sampling seed.
+      dtype: accumulation dtype, "float64" or "float32".
+      batch_size: batch size when `data` holds arrays.
+
+    Returns:
+      `Factors`.
+
+    Raises:
+      UnsupportedLayerError: a selected variable lies in a layer KFAC cannot factor.
+      InputError: bad settings, empty data, or a loss the sampler does not know (fisher="true").
+      NotFiniteError: the gradients or factors contain NaN/Inf.
+
+    Example:
+      >>> objective = tfi.Objective(model, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+      >>> factors = fit_factors(objective, (x, y), method="ekfac", seed=0)
+      >>> inverse = EKFACOperator(factors, damping=1e-3).inverse()
+    """
+    settings = FactorSettings(method=method, fisher=fisher, num_samples=num_samples, seed=seed, dtype=dtype)
+    if not isinstance(objective, Objective):
+        raise InputError(f"objective must be a tf_influence Objective. Received: {type(objective).__name__}.")
+    model = objective.model
+    variables = select_variables(model, variables)
+    blocks = find_blocks(model, variables)
+    dataset = as_dataset(data, batch_size=batch_size, name="data")
+    batch = first_batch(dataset, "data")
+    objective.validate(batch, "data")
+    _targets.check_outputs(objective, objective.outputs(batch[0]), fisher)
+    start = time.perf_counter()
+    fitter = _Fitter(objective, blocks, settings)
+    sums, total_weight, count = fitter.first_pass(dataset)
+    if total_weight <= 0:
+        raise InputError("data has zero total sample weight; the mean objective is undefined.")
+    layers = []
+    for block, (a_sum, s_sum) in zip(blocks, sums):
+        layers.append(_eigendecompose(block, a_sum / total_weight, s_sum / total_weight))
+    if method == "ekfac":
+        corrected = fitter.second_pass(dataset, layers)
+        layers = [dataclasses.replace(layer, corrected=tf.maximum(c / total_weight, 0.0))
+                  for layer, c in zip(layers, corrected)]
+    seconds = time.perf_counter() - start
+    _log.info("fitted %s factors for %d layers on %d examples in %.2fs", method, len(blocks), count, seconds)
+    return Factors(settings, model, variables, blocks, layers, objective=objective,
+                   num_examples=count, total_weight=total_weight, seconds=seconds)
+
+
+class _Fitter:
+    """The compiled per-batch statistics of both passes."""
+
+    def __init__(self, objective, blocks, settings):
+        self.objective = objective
+        self.blocks = blocks
+        self.settings = settings
+        self.dtype = tf.as_dtype(settings.dtype)
+        self._pass1 = tf.function(self._pass1_fn, reduce_retracing=True)
+        self._pass2 = tf.function(self._pass2_fn, reduce_retracing=True)
+
+    def first_pass(self, dataset):
+        sums, total_weight, count = None, 0.0, 0
+        for step, (x, y, w) in enumerate(dataset):
+            batch_sums, weight = self._pass1(x, y, w, tf.constant(step, tf.int64))
+            _check_finite(batch_sums, "first")
+            sums = batch_sums if sums is None else [(a + ba, s + bs) for (a, s), (ba, bs) in zip(sums, batch_sums)]
+            total_weight += float(weight)
+            count += int(tf.shape(w)[0])
+        return sums, total_weight, count
+
+    def second_pass(self, dataset, layers):
+        bases = [(layer.q_a if layer.q_a is not None else tf.zeros([0, 0], self.dtype), layer.q_s)
+                 for layer in layers]
+        total = None
+        for step, (x, y, w) in enumerate(dataset):
+            batch_sums = self._pass2(x, y, w, tf.constant(step, tf.int64), bases)
+            _check_finite(batch_sums, "second")
+            total = batch_sums if total is None else [t + b for t, b in zip(total, batch_sums)]
+        return total
+
+    def rows(self, x, y, step):
+        """Per block: `a` rows `[N, T, d_a]` and a list of (`g` rows `[N, T, d_g]`, weights `[N]`)."""
+        with tf.GradientTape(persistent=True) as tape:
+            with capture(self.blocks, tape=tape) as recording:
+                outputs = self.objective.outputs(x)
+        recording.check_called(self.blocks)
+        seed = tf.stack([tf.cast(self.settings.seed, tf.int64), step])
+        us, weights = _targets.output_targets(
+            self.objective, outputs, y, fisher=self.settings.fisher,
+            num_samples=self.settings.num_samples, seed=seed)
+        preacts = recording.flat_preactivations()
+        per_target = [tape.gradient(outputs, preacts, output_gradients=u, unconnected_gradients=_ZERO)
+                      for u in us]
+        del tape
+        result, offset = [], 0
+        for index, block in enumerate(self.blocks):
+            calls = len(recording.inputs[index])
+            a = tf.concat([block.input_rows(x_in) for x_in in recording.inputs[index]], axis=1)
+            if not block.diagonal_inputs:
+                a = tf.cast(a, self.dtype)
+            gs = []
+            for grads, c in zip(per_target, weights):
+                g = tf.concat([block.output_rows(t) for t in grads[offset:offset + calls]], axis=1)
+                gs.append((tf.cast(g, self.dtype), tf.cast(c, self.dtype)))
+            result.append((a, gs))
+            offset += calls
+        return result
+
+    def _pass1_fn(self, x, y, w, step):
+        w = tf.cast(w, self.dtype)
+        sums = []
+        for block, (a, gs) in zip(self.blocks, self.rows(x, y, step)):
+            positions = tf.cast(tf.shape(a)[1], self.dtype)
+            if block.diagonal_inputs:
+                counts = tf.math.unsorted_segment_sum(
+                    tf.reshape(tf.tile(w[:, tf.newaxis], [1, tf.shape(a)[1]]), [-1]),
+                    tf.reshape(a, [-1]), block.in_features)
+                a_sum = counts / positions
+            else:
+                a_sum = tf.einsum("n,ntk,ntl->kl", w, a, a) / positions
+            s_sum = tf.add_n([tf.einsum("n,ntk,ntl->kl", w * c, g, g) for g, c in gs])
+            sums.append((a_sum, s_sum))
+        return sums, tf.reduce_sum(w)
+
+    def _pass2_fn(self, x, y, w, step, bases):
+        w = tf.cast(w, self.dtype)
+        sums = []
+        for block, (a, gs), (q_a, q_s) in zip(self.blocks, self.rows(x, y, step), bases):
+            projected = [(tf.einsum("ntl,lm->ntm", g, q_s), c) for g, c in gs]
+            sums.append(_corrected_sum(block, a, q_a, projected, w))
+        return sums
+
+
+def _corrected_sum(block, a, q_a, projected, w):
+    """`Σ_i w_i Σ_s c_s (Q_Aᵀ G_is Q_S)²` for one batch, without per-example matrices when T = 1."""
+    single_position = a.shape[1] == 1
+    if block.diagonal_inputs:
+        ids = a
+        if single_position:
+            values = tf.add_n([(w * c)[:, tf.newaxis] * tf.square(g[:, 0]) for g, c in projected])
+            return tf.math.unsorted_segment_sum(values, ids[:, 0], block.in_features)
+        n, positions = tf.shape(ids)[0], tf.shape(ids)[1]
+        segments = tf.reshape(tf.range(n)[:, tf.newaxis] * block.in_features + ids, [-1])
+        total = 0.0
+        for g, c in projected:
+            per_example = tf.math.unsorted_segment_sum(
+                tf.reshape(g, [n * positions, -1]), segments, n * block.in_features)
+            per_example = tf.reshape(per_example, [n, block.in_features, -1])
+            total += tf.einsum("n,nkl->kl", w * c, tf.square(per_example))
+        return total
+    a_hat = tf.einsum("ntk,km->ntm", a, q_a)
+    if single_position:
+        g_squared = tf.add_n([c[:, tf.newaxis] * tf.square(g[:, 0]) for g, c in projected])
+        return tf.einsum("nk,nl->kl", w[:, tf.newaxis] * tf.square(a_hat[:, 0]), g_squared)
+    total = 0.0
+    for g, c in projected:
+        per_example = tf.einsum("ntk,ntl->nkl", a_hat, g)
+        total += tf.einsum("n,nkl->kl", w * c, tf.square(per_example))
+    return total
+
+
+def _eigendecompose(block, a, s):
+    if block.diagonal_inputs:
+        q_a, eig_a = None, tf.maximum(a, 0.0)
+    else:
+        eig_a, q_a = tf.linalg.eigh(0.5 * (a + tf.transpose(a)))
+        eig_a = tf.maximum(eig_a, 0.0)
+    eig_s, q_s = tf.linalg.eigh(0.5 * (s + tf.transpose(s)))
+    return LayerFactors(q_a=q_a, eig_a=eig_a, q_s=q_s, eig_s=tf.maximum(eig_s, 0.0))
+
+
+def _check_finite(sums, which):
+    for t in tf.nest.flatten(sums):
+        if not bool(tf.reduce_all(tf.math.is_finite(t))):
+            raise NotFiniteError(
+                f"NaN/Inf in the layer inputs or pre-activation gradients during the {which} pass of "
+                "factor fitting. Check the data for NaN/Inf, the loss for non-differentiable points "
+                "(e.g. sqrt or log at 0), and the model weights for divergence."
+            )
