@@ -82,10 +82,11 @@ class LayerBlock:
             if self.layer.__class__.__name__ == "EinsumDense":
                 rows = _einsum_input_rows(self.layer, rows)
             rows = tf.reshape(rows, [tf.shape(rows)[0], -1, self.in_features])
+        ones = tf.ones_like(rows[..., :1])
         if self.kernel is None:
             rows = rows[..., :0]
         if self.bias is not None:
-            rows = tf.concat([rows, tf.ones_like(rows[..., :1])], axis=-1)
+            rows = tf.concat([rows, ones], axis=-1)
         return rows
 
     def output_rows(self, outputs):

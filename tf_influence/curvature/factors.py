@@ -229,32 +229,9 @@ class _Fitter:
         return total
 
     def rows(self, x, y, step):
-        """Per block: `a` rows `[N, T, d_a]` and a list of (`g` rows `[N, T, d_g]`, weights `[N]`)."""
-        with tf.GradientTape(persistent=True) as tape:
-            with capture(self.blocks, tape=tape) as recording:
-                outputs = self.objective.outputs(x)
-        recording.check_called(self.blocks)
         seed = tf.stack([tf.cast(self.settings.seed, tf.int64), step])
-        us, weights = _targets.output_targets(
-            self.objective, outputs, y, fisher=self.settings.fisher,
-            num_samples=self.settings.num_samples, seed=seed)
-        preacts = recording.flat_preactivations()
-        per_target = [tape.gradient(outputs, preacts, output_gradients=u, unconnected_gradients=_ZERO)
-                      for u in us]
-        del tape
-        result, offset = [], 0
-        for index, block in enumerate(self.blocks):
-            calls = len(recording.inputs[index])
-            a = tf.concat([block.input_rows(x_in) for x_in in recording.inputs[index]], axis=1)
-            if not block.diagonal_inputs:
-                a = tf.cast(a, self.dtype)
-            gs = []
-            for grads, c in zip(per_target, weights):
-                g = tf.concat([block.output_rows(t) for t in grads[offset:offset + calls]], axis=1)
-                gs.append((tf.cast(g, self.dtype), tf.cast(c, self.dtype)))
-            result.append((a, gs))
-            offset += calls
-        return result
+        return layer_rows(self.objective, self.blocks, x, y, fisher=self.settings.fisher,
+                          num_samples=self.settings.num_samples, seed=seed, dtype=self.dtype)
 
     def _pass1_fn(self, x, y, w, step):
         w = tf.cast(w, self.dtype)
@@ -279,6 +256,39 @@ class _Fitter:
             projected = [(tf.einsum("ntl,lm->ntm", g, q_s), c) for g, c in gs]
             sums.append(_corrected_sum(block, a, q_a, projected, w))
         return sums
+
+
+def layer_rows(objective, blocks, x, y, *, fisher, num_samples=1, seed=(0, 0), dtype=tf.float64):
+    """One forward pass with capture and one backward pass per output target.
+
+    Returns, per block, `(a, [(g, c), ...])`: input rows `a` `[N, T, d_a]` (int token ids `[N, T]`
+    for embeddings) and, per target s, pre-activation gradient rows `g` `[N, T, d_g]` with
+    per-example weights `c` `[N]` (see `targets.output_targets`). With fisher="empirical", `g` is
+    the gradient of each example's own loss, so `Σ_t a_t g_tᵀ` is its weight gradient.
+    """
+    with tf.GradientTape(persistent=True) as tape:
+        with capture(blocks, tape=tape) as recording:
+            outputs = objective.outputs(x)
+    recording.check_called(blocks)
+    us, weights = _targets.output_targets(objective, outputs, y, fisher=fisher, num_samples=num_samples,
+                                          seed=seed)
+    preacts = recording.flat_preactivations()
+    per_target = [tape.gradient(outputs, preacts, output_gradients=u, unconnected_gradients=_ZERO)
+                  for u in us]
+    del tape
+    result, offset = [], 0
+    for index, block in enumerate(blocks):
+        calls = len(recording.inputs[index])
+        a = tf.concat([block.input_rows(x_in) for x_in in recording.inputs[index]], axis=1)
+        if not block.diagonal_inputs:
+            a = tf.cast(a, dtype)
+        gs = []
+        for grads, c in zip(per_target, weights):
+            g = tf.concat([block.output_rows(t) for t in grads[offset:offset + calls]], axis=1)
+            gs.append((tf.cast(g, dtype), tf.cast(c, dtype)))
+        result.append((a, gs))
+        offset += calls
+    return result
 
 
 def _corrected_sum(block, a, q_a, projected, w):

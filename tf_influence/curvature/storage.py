@@ -1,0 +1,142 @@
+"""Saving and loading fitted factors, with the settings that produced them.
+
+A saved directory holds `factors.npz` (the eigenvectors and eigenvalues) and `settings.json`
+(method, fisher, seed, dtype, loss name, the selected variables' names and shapes, the layers, an
+optional damping, and a fingerprint of the model's weights). `load_factors` refuses a directory
+fitted on another model, another variable selection or other weights, since the curvature would
+silently be wrong for them.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from tf_influence.curvature.capture import find_blocks
+from tf_influence.curvature.factors import FactorSettings, Factors, LayerFactors
+from tf_influence.errors import InputError
+from tf_influence.params import select_variables
+
+FORMAT_VERSION = 1
+_SETTINGS, _ARRAYS = "settings.json", "factors.npz"
+
+
+def model_fingerprint(model):
+    """SHA-256 of the shapes, dtypes and values of every weight of `model` (names excluded)."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        value = np.asarray(weight.numpy())
+        digest.update(f"{value.shape}{value.dtype}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
+def save_factors(factors, directory, *, damping=None):
+    """Writes `factors` (and optionally the damping to use with them) to `directory`.
+
+    Args:
+      factors: fitted `Factors`.
+      directory: a directory path (created if missing); existing files there are overwritten.
+      damping: optional damping (a number or "heuristic") stored with the settings.
+
+    Example:
+      >>> save_factors(factors, "ekfac_factors", damping=1e-3)
+      >>> factors, damping = load_factors("ekfac_factors", model)
+    """
+    os.makedirs(directory, exist_ok=True)
+    arrays = {}
+    for i, layer in enumerate(factors.layers):
+        for field in dataclasses.fields(layer):
+            value = getattr(layer, field.name)
+            if value is not None:
+                arrays[f"{i}/{field.name}"] = np.asarray(value)
+    settings = dict(
+        format_version=FORMAT_VERSION,
+        settings=dataclasses.asdict(factors.settings),
+        loss=str(factors.objective.loss_name) if factors.objective is not None else None,
+        damping=damping,
+        variables=[dict(name=_name(v), shape=[int(d) for d in v.shape]) for v in factors.variables],
+        layers=[_layer_record(b) for b in factors.blocks],
+        fingerprint=model_fingerprint(factors.model),
+        num_examples=factors.num_examples,
+        total_weight=factors.total_weight,
+    )
+    np.savez(os.path.join(directory, _ARRAYS), **arrays)
+    with open(os.path.join(directory, _SETTINGS), "w") as f:
+        json.dump(settings, f, indent=2)
+
+
+def load_factors(directory, model, variables=None, *, objective=None):
+    """Loads factors saved by `save_factors` for `model`, refusing a mismatched model.
+
+    Args:
+      directory: what `save_factors` wrote.
+      model: the model the factors are for (same architecture and weights).
+      variables: the same variable selection as at fitting time (None: all trainable).
+      objective: optional `Objective` to attach (needed only to refit or score training data).
+
+    Returns:
+      `(factors, damping)`: the `Factors` and the damping saved with them (None if none was).
+
+    Raises:
+      InputError: missing files, or a different variable selection, layer structure, or weights
+        than the factors were fitted on (the message says which and how to fix it).
+    """
+    settings_path, arrays_path = (os.path.join(directory, n) for n in (_SETTINGS, _ARRAYS))
+    if not (os.path.exists(settings_path) and os.path.exists(arrays_path)):
+        raise InputError(
+            f"No saved factors in {directory!r}: expected {_SETTINGS} and {_ARRAYS} written by "
+            "save_factors().")
+    with open(settings_path) as f:
+        saved = json.load(f)
+    if saved.get("format_version") != FORMAT_VERSION:
+        raise InputError(
+            f"{directory!r} has factor format {saved.get('format_version')!r}; this version reads "
+            f"format {FORMAT_VERSION}. Refit and save the factors again.")
+    variables = select_variables(model, variables)
+    current = [dict(name=_name(v), shape=[int(d) for d in v.shape]) for v in variables]
+    if [v["shape"] for v in current] != [v["shape"] for v in saved["variables"]]:
+        raise InputError(
+            f"The factors in {directory!r} were fitted for variables "
+            f"{[(v['name'], v['shape']) for v in saved['variables']]}, but this model and selection "
+            f"give {[(v['name'], v['shape']) for v in current]}. Pass the same model and variables "
+            "as when fitting, or refit the factors.")
+    blocks = find_blocks(model, variables)
+    layers = [_layer_record(b) for b in blocks]
+    if [_structure(r) for r in layers] != [_structure(r) for r in saved["layers"]]:
+        raise InputError(
+            f"The factors in {directory!r} were fitted for layers {saved['layers']}, but this model "
+            f"has {layers}. Use the model the factors were fitted on, or refit them.")
+    fingerprint = model_fingerprint(model)
+    if fingerprint != saved["fingerprint"]:
+        raise InputError(
+            f"The model's weights differ from those the factors in {directory!r} were fitted on "
+            f"(fingerprint {fingerprint[:12]} vs saved {saved['fingerprint'][:12]}): the curvature "
+            "would be stale. Load the weights used at fitting time, or refit the factors.")
+    settings = FactorSettings(**saved["settings"])
+    dtype = tf.as_dtype(settings.dtype)
+    with np.load(arrays_path) as arrays:
+        layer_factors = []
+        for i in range(len(blocks)):
+            fields = {f.name: (tf.constant(arrays[f"{i}/{f.name}"], dtype) if f"{i}/{f.name}" in arrays else None)
+                      for f in dataclasses.fields(LayerFactors)}
+            layer_factors.append(LayerFactors(**fields))
+    factors = Factors(settings, model, variables, blocks, layer_factors, objective=objective,
+                      num_examples=saved["num_examples"], total_weight=saved["total_weight"])
+    return factors, saved.get("damping")
+
+
+def _name(variable):
+    return getattr(variable, "path", None) or variable.name
+
+
+def _layer_record(block):
+    return dict(name=block.name, kind=block.kind, in_features=block.in_features,
+                out_features=block.out_features, kernel=block.kernel is not None, bias=block.bias is not None)
+
+
+def _structure(record):
+    return tuple(record[k] for k in ("kind", "in_features", "out_features", "kernel", "bias"))
