@@ -74,6 +74,12 @@ def cg(operator, b, *, x0=None, tol=1e-6, maxiter=None, preconditioner=None, jit
             "cg needs a positive definite operator; this one is hinted is_positive_definite=False. "
             "Add damping (HessianOperator(damping=...)) or use curvature='gauss_newton'."
         )
+    if jit_compile and getattr(operator, "dataset", None) is not None:
+        raise InputError(
+            "cg(jit_compile=True) compiles the whole loop with XLA, which cannot iterate the "
+            "operator's tf.data pass. Build the operator with jit_compile=True instead (e.g. "
+            "tfi.HessianOperator(..., jit_compile=True)): each batch's product is then compiled."
+        )
     tol = float(tol)
     if not np.isfinite(tol) or tol <= 0:
         raise InputError(f"tol must be a positive number. Received: tol={tol}.")
@@ -209,16 +215,17 @@ def _first_bad(flag, value, row, bad, values, code):
 def _raise_for_flag(flag, value, row, iteration, operator):
     if flag == _OK:
         return
-    where = f"right-hand side {row}, iteration {iteration}"
+    where = f"right-hand side {row}, iteration {iteration}"  # iterations counted from 1
     if flag == _NEGATIVE_CURVATURE:
         damping = getattr(operator, "damping", None)
         now = f" (damping is {damping:g})" if damping is not None else ""
+        more = (f"damping larger than the current one by more than {-value:.3g}" if value < 0 else
+                "a positive damping")
         raise NegativeCurvatureError(
             f"cg met negative curvature at {where}: pᵀ(H + λI)p / ‖p‖² = {value:.4g} ≤ 0, so H + λI is "
-            f"not positive definite{now} and CG cannot solve it. Add damping of at least "
-            f"{-value:.3g} on top of the current one (tfi.extreme_eigenvalues(operator).suggested_damping "
-            "gives a value), or use curvature=\"gauss_newton\" (positive semi-definite), or "
-            "method=\"direct\" for small problems."
+            f"not positive definite{now} and CG cannot solve it. Use {more} "
+            "(tfi.extreme_eigenvalues(operator).suggested_damping estimates one), or "
+            "curvature=\"gauss_newton\" (positive semi-definite), or method=\"direct\" for small problems."
         )
     if flag == _NOT_FINITE:
         raise NotFiniteError(

@@ -119,7 +119,7 @@ def _cholesky_solve(dense, rhs):
     except ValueError as e:  # NaN/Inf in the matrix
         raise InputError(f"The dense operator contains NaN/Inf entries: {e}") from e
     anorm = float(np.max(np.sum(np.abs(dense), axis=0)))
-    rcond, info = scipy.linalg.lapack.dpocon(factor[0], anorm, lower=1)
+    rcond, info = scipy.linalg.lapack.dpocon(factor[0], anorm, uplo="L")
     if info != 0 or rcond <= dense.shape[0] * np.finfo(np.float64).eps:
         return None, float(rcond)  # too close to singular: let the eigendecomposition judge
     return scipy.linalg.cho_solve(factor, rhs, check_finite=False), float(rcond)

@@ -1,0 +1,99 @@
+"""Small float64 problems for the solver tests, with independent dense references.
+
+Models are built with float64 layers (no global floatx change), so problems can be module-scoped.
+"""
+
+import dataclasses
+import functools
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tf_influence as tfi
+from tests.conftest import dense_hessian
+
+sce = functools.partial(keras.losses.sparse_categorical_crossentropy, from_logits=True)
+
+N = 200  # training examples
+D = 6  # features
+CLASSES = 3
+
+
+@dataclasses.dataclass
+class Problem:
+    name: str
+    model: keras.Model
+    x: np.ndarray
+    y: np.ndarray
+    operator: tfi.HessianOperator  # H + damping·I
+    dense: np.ndarray  # the same matrix, dense
+    b: np.ndarray  # [3, p] right-hand sides
+    l2: float = 0.0
+
+    def solve(self, b):
+        return np.linalg.solve(self.dense, np.asarray(b).T).T
+
+
+def data(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, D)) * np.linspace(0.5, 2.0, D)  # unequal feature scales
+    w = rng.standard_normal((D, CLASSES))
+    y = np.argmax(x @ w + 1.5 * rng.standard_normal((N, CLASSES)), axis=1)  # not separable
+    return x, y
+
+
+def softmax_regression(seed=0):
+    """Multinomial logistic regression (convex) with l2 = 0.01; dense reference in closed form."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((D,), dtype="float64"),
+                              keras.layers.Dense(CLASSES, dtype="float64", name="logits")])
+    x, y = data(seed)
+    model.layers[0].kernel.assign(np.random.default_rng(seed + 1).standard_normal((D, CLASSES)) * 0.3)
+    l2 = 0.01
+    operator = tfi.HessianOperator(model, sce, (x, y), l2=l2, batch_size=64, mode="back_over_back")
+    dense = softmax_regression_hessian(model, x, l2)
+    b = np.random.default_rng(seed + 2).standard_normal((3, operator.space.size))
+    return Problem("softmax_regression", model, x, y, operator, dense, b, l2)
+
+
+def softmax_regression_hessian(model, x, l2):
+    """Closed form: mean_i (diag πᵢ − πᵢπᵢᵀ) ⊗ x̃ᵢx̃ᵢᵀ + l2·I, ordered kernel [D, C] then bias [C]."""
+    kernel, bias = (np.asarray(v) for v in model.layers[0].weights)
+    logits = x @ kernel + bias
+    pi = np.exp(logits - logits.max(axis=1, keepdims=True))
+    pi /= pi.sum(axis=1, keepdims=True)
+    xt = np.hstack([x, np.ones((len(x), 1))])  # bias as feature D, so its index is D·C + j
+    s = np.einsum("ij,jk->ijk", pi, np.eye(CLASSES)) - np.einsum("ij,ik->ijk", pi, pi)
+    h = np.einsum("ia,ib,ijk->ajbk", xt, xt, s) / len(x)
+    p = (D + 1) * CLASSES
+    return h.reshape(p, p) + l2 * np.eye(p)
+
+
+def mlp(seed=0, margin=0.05):
+    """A tanh MLP at a random point: H is indefinite; damping = −λ_min(H) + margin makes it PD."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((D,), dtype="float64"),
+                              keras.layers.Dense(8, activation="tanh", dtype="float64", name="hidden"),
+                              keras.layers.Dense(CLASSES, dtype="float64", name="head")])
+    x, y = data(seed)
+    undamped = tfi.HessianOperator(model, sce, (x, y), batch_size=64, mode="back_over_back")
+    h = dense_hessian(model, sce, x, y)  # nested tapes, independent of the library
+    smallest = float(np.linalg.eigvalsh(h)[0])
+    assert smallest < 0, "the MLP problem is meant to have an indefinite Hessian"
+    damping = -smallest + margin
+    operator = undamped.with_options(damping=damping)
+    b = np.random.default_rng(seed + 2).standard_normal((3, operator.space.size))
+    problem = Problem("mlp", model, x, y, operator, h + damping * np.eye(len(h)), b)
+    problem.undamped = undamped
+    problem.undamped_dense = h
+    return problem
+
+
+def relative_error(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def dense_operator(matrix, **hints):
+    return tf.linalg.LinearOperatorFullMatrix(tf.constant(matrix, tf.float64), **hints)
