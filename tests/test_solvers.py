@@ -80,6 +80,11 @@ def test_direct_singular_raises():
         direct(singular, np.ones(3))
 
 
+def test_direct_refuses_a_non_symmetric_matrix():
+    with pytest.raises(tfi.InputError, match=r"not symmetric \(max \|A − Aᵀ\| = 1"):
+        direct(sh.dense_operator(np.array([[2.0, 1.0], [0.0, 2.0]])), np.ones(2))
+
+
 def test_direct_refuses_a_matrix_that_does_not_fit():
     big = tf.linalg.LinearOperatorScaledIdentity(30_000, tf.constant(2.0, tf.float64), is_self_adjoint=True)
     with pytest.raises(tfi.ResourceError, match=r"30000x30000.*13\.4 GiB.*max_size=20000.*cg"):

@@ -201,7 +201,7 @@ def _build_loop(op_ref, m_ref, jit_compile, has_x0):
         return (state["x"], state["r_norm"], state["iters"], state["i"], state["flag"],
                 state["bad_value"], state["bad_row"])
 
-    return tf.function(loop, jit_compile=bool(jit_compile), reduce_retracing=False)
+    return tf.function(loop, jit_compile=bool(jit_compile), reduce_retracing=False, autograph=False)
 
 
 def _first_bad(flag, value, row, bad, values, code):

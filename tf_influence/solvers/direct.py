@@ -66,6 +66,13 @@ def direct(operator, b, *, on_indefinite="warn", max_size=MAX_DENSE_SIZE):
         raise InputError("direct solves symmetric systems; the operator is hinted is_self_adjoint=False.")
     rows, single = as_rows(operator, b)
     dense = np.asarray(operator.to_dense(), dtype=np.float64)
+    scale = float(np.max(np.abs(dense))) if dense.size else 0.0
+    asymmetry = float(np.max(np.abs(dense - dense.T))) if dense.size else 0.0
+    if asymmetry > 1e-6 * scale:
+        raise InputError(
+            f"direct solves symmetric systems; this operator's matrix is not symmetric (max |A − Aᵀ| = "
+            f"{asymmetry:.3g}, max |A| = {scale:.3g}). Use a Hessian or Gauss-Newton operator."
+        )
     dense = 0.5 * (dense + dense.T)
     rhs = rows.numpy().astype(np.float64).T  # [p, k]
     damping = getattr(operator, "damping", None)

@@ -96,6 +96,11 @@ def lissa(operator, b, *, scale, batch_size, recursion_depth, num_samples=1, see
                 f"{type(operator).__name__} does not provide (no .dataset/.batch_apply). Pass a "
                 "tfi.HessianOperator, or batch_size=None to use exact products of this operator."
             )
+        if getattr(operator, "mode", None) == "finite_difference" and getattr(operator, "curvature", None) == "hessian":
+            raise InputError(
+                "lissa minibatches need per-batch curvature products, which mode='finite_difference' does "
+                "not have. Use operator.with_options(mode='forward_over_back'), or batch_size=None."
+            )
         n = num_examples(operator.dataset)
         batch_size = min(batch_size, n)
 
@@ -218,7 +223,8 @@ def _build_run(op_ref, source, batch_size):
             cond, body, (tf.constant(0), s, tf.constant(False), tf.norm(s, axis=-1)))
         return s, j, flag, norms
 
-    return tf.function(run, reduce_retracing=False)
+    # Plain Python control flow on static settings plus an explicit while_loop: no AutoGraph.
+    return tf.function(run, reduce_retracing=False, autograph=False)
 
 
 def _all_examples(dataset, n):
