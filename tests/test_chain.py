@@ -358,3 +358,16 @@ def test_method_object_validates_its_inputs(float64):
     operator = tfi.HessianOperator(_chain(2), "mse", (np.ones((2, 3)), np.ones((2, 3))), damping=1.0)
     with pytest.raises(InputError, match=r"b_rows must have shape \[k, p\] with p = 17. Received \(17,\)"):
         Chain().solve(operator, np.ones(17))
+
+
+def test_tf_keras_model_matches_the_autodiff_operator():
+    tf_keras = pytest.importorskip("tf_keras")
+    model = tf_keras.Sequential([
+        tf_keras.Input((3,), dtype="float64"),
+        tf_keras.layers.Dense(3, activation="tanh", kernel_regularizer=tf_keras.regularizers.L2(0.01), dtype="float64"),
+        tf_keras.layers.Dense(2, activation="softmax", dtype="float64")])
+    rng = np.random.default_rng(10)
+    data = (rng.standard_normal((5, 3)), rng.integers(0, 2, 5))
+    chain = ChainHessian(model, "sparse_categorical_crossentropy", data, damping=0.1)
+    autodiff = tfi.HessianOperator(model, "sparse_categorical_crossentropy", data, damping=0.1)
+    assert relative_error(chain.to_dense().numpy(), autodiff.to_dense().numpy()) <= 1e-12
