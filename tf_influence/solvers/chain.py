@@ -86,7 +86,7 @@ class _Activation(typing.NamedTuple):
     closed_form: bool
 
 
-def _activation(fn, layer):
+def _activation(fn):
     """Identifies an activation: a Keras built-in with default arguments gets its closed form."""
     if fn is None:
         return _Activation("linear", None, True)
@@ -228,7 +228,7 @@ def _plan(model, variables, spec, *, training, curvature):
             stages.append(_dense_stage(layer, selected, covered))
         elif kind in ("Activation", "ReLU", "LeakyReLU"):
             fn = layer.activation if kind == "Activation" else layer
-            act = _activation(fn, layer) if kind == "Activation" else _Activation(kind.lower(), layer, False)
+            act = _activation(fn) if kind == "Activation" else _Activation(kind.lower(), layer, False)
             stages[-1].activations.append(act)
         elif kind in _INFERENCE_IDENTITY and not training:
             continue
@@ -264,7 +264,7 @@ def _dense_stage(layer, selected, covered):
     kernel_selected = id(layer.kernel) in selected
     bias_selected = getattr(layer, "bias", None) is not None and id(layer.bias) in selected
     covered.update(id(v) for v, s in ((layer.kernel, kernel_selected), (getattr(layer, "bias", None), bias_selected)) if s)
-    return _Stage(layer, [_activation(layer.activation, layer)], kernel_selected, bias_selected)
+    return _Stage(layer, [_activation(layer.activation)], kernel_selected, bias_selected)
 
 
 def _fuse_output_activation(stage, spec, curvature):
