@@ -12,10 +12,13 @@ from tf_influence.errors import (
     SecondDerivativeError,
     UnsupportedLayerError,
 )
+from tf_influence.influence import Influence, TopK
 from tf_influence.objective import Objective
 from tf_influence.operators import HessianOperator
 from tf_influence.params import ParameterSpace, select_variables
+from tf_influence.solvers.dispatch import inverse_hvp
 from tf_influence.spectrum import SpectrumEstimate, extreme_eigenvalues
+from tf_influence import solvers, validation  # noqa: E402  (namespaces: tfi.solvers.CG, tfi.validation)
 
 __version__ = "0.1.0"
 
@@ -23,6 +26,7 @@ __all__ = [
     "DivergenceError",
     "HVPCheck",
     "HessianOperator",
+    "Influence",
     "InfluenceError",
     "InputError",
     "NegativeCurvatureError",
@@ -32,9 +36,13 @@ __all__ = [
     "ResourceError",
     "SecondDerivativeError",
     "SpectrumEstimate",
+    "TopK",
     "UnsupportedLayerError",
     "as_dataset",
     "check_hvp",
     "extreme_eigenvalues",
+    "inverse_hvp",
     "select_variables",
+    "solvers",
+    "validation",
 ]

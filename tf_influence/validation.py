@@ -11,6 +11,7 @@ renormalisation of the mean), which shifts but does not decorrelate the two.
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 import scipy.stats
@@ -165,6 +166,7 @@ class _Problem:
         self.weights = np.concatenate([w.numpy() for _, _, w in self.dataset]).astype(np.float64)
         self.n = len(self.weights)
         self._value_and_gradient = tf.function(self._value_and_gradient_fn)
+        self._lbfgs = {}
 
     def theta(self):
         return self.space.flatten(self.tf_vars).numpy()
@@ -197,17 +199,22 @@ class _Problem:
         return total / weight + reg, grad / weight + reg_grad
 
     def minimize(self, start, mask, tolerance, max_iterations):
+        key = (float(tolerance), int(max_iterations))
+        if key not in self._lbfgs:
+            self._lbfgs[key] = tf.function(functools.partial(self._lbfgs_fn, tolerance=tolerance,
+                                                             max_iterations=max_iterations))
+        result = self._lbfgs[key](tf.constant(start, self.space.dtype), tf.constant(mask, self.space.dtype))
+        theta = result.position.numpy()
+        _, grad = self._value_and_gradient(tf.constant(theta), tf.constant(mask, self.space.dtype))
+        return theta, float(np.linalg.norm(grad.numpy()))
+
+    def _lbfgs_fn(self, start, mask, *, tolerance, max_iterations):
         import tensorflow_probability as tfp
 
-        mask = tf.constant(mask, self.space.dtype)
-        result = tfp.optimizer.lbfgs_minimize(
-            lambda theta: self._value_and_gradient(theta, mask),
-            initial_position=tf.constant(start, self.space.dtype),
+        return tfp.optimizer.lbfgs_minimize(
+            lambda theta: self._value_and_gradient(theta, mask), initial_position=start,
             tolerance=tolerance, f_relative_tolerance=0.0, x_tolerance=0.0,
             max_iterations=max_iterations, num_correction_pairs=20)
-        theta = result.position.numpy()
-        _, grad = self._value_and_gradient(tf.constant(theta), mask)
-        return theta, float(np.linalg.norm(grad.numpy()))
 
     def test_losses(self, test_set):
         return np.concatenate([self.objective.per_example_loss(y, self.objective.outputs(x)).numpy()

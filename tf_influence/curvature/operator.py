@@ -49,15 +49,14 @@ class EKFACOperator(tf.linalg.LinearOperator):
         self.eigenvalues = [tf.cast(e, self.compute_dtype) for e in factors.eigenvalues()]
         self.dampings = _layer_dampings(damping, self.eigenvalues)
         self.damping = damping
-        smallest = min(float(tf.reduce_min(e)) + d for e, d in zip(self.eigenvalues, self.dampings))
-        if not smallest > 0:
-            names = [b.name for b, e, d in zip(factors.blocks, self.eigenvalues, self.dampings)
-                     if float(tf.reduce_min(e)) + d <= 0]
+        singular = [(b.name, float(tf.reduce_min(e)) + d) for b, e, d in
+                    zip(factors.blocks, self.eigenvalues, self.dampings) if not _nonsingular(e, d)]
+        if singular:
             raise InputError(
-                f"The {factors.method.upper()} curvature is singular on layers {names} (smallest "
-                f"eigenvalue + damping = {smallest:.3g}) with damping={damping!r}; its inverse does not "
-                "exist (this happens with few examples, e.g. one, or dead units). Use damping > 0 or "
-                "damping='heuristic'."
+                f"The {factors.method.upper()} curvature is singular on layers {[n for n, _ in singular]} "
+                f"(smallest eigenvalue + damping = {min(v for _, v in singular):.3g}, zero relative to the "
+                f"largest) with damping={damping!r}; its inverse does not exist (this happens with few "
+                "examples, e.g. one, or dead units). Use damping > 0 or damping='heuristic'."
             )
         super().__init__(
             dtype=tf.as_dtype(dtype) if dtype is not None else factors.space.dtype,
@@ -127,6 +126,14 @@ class EKFACOperator(tf.linalg.LinearOperator):
             if block.bias is not None:
                 parts[index[id(block.bias)]] = back[:, -1]
         return tf.concat(parts, axis=-1)
+
+
+def _nonsingular(eigenvalues, damping):
+    """`Λ + λ` is positive and not zero relative to its largest entry (rounding level)."""
+    smallest = float(tf.reduce_min(eigenvalues)) + damping
+    largest = float(tf.reduce_max(eigenvalues)) + damping
+    eps = np.finfo(eigenvalues.dtype.as_numpy_dtype).eps
+    return smallest > 0 and smallest > eps * largest * int(tf.size(eigenvalues))
 
 
 def _layer_dampings(damping, eigenvalues):

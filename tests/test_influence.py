@@ -1,0 +1,203 @@
+"""Influence scores against brute force, leave-one-out retraining, and invariances."""
+
+import functools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_influence as tfi
+from tests import models
+from tests.conftest import relative_error
+from tf_influence import validation
+
+sce = functools.partial(keras.losses.sparse_categorical_crossentropy, from_logits=True)
+bce = keras.losses.BinaryCrossentropy(from_logits=True)
+
+
+@pytest.fixture
+def breast_cancer(float64):
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.preprocessing import StandardScaler
+
+    data = load_breast_cancer()
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(data.target))
+    x = StandardScaler().fit_transform(data.data)[order]
+    y = data.target[order].astype("float64")[:, None]
+    n_train = 400
+    model = models.logistic_regression(x.shape[1])
+    l2 = 0.01
+    grad_norm = validation.fit_to_optimum(model, bce, (x[:n_train], y[:n_train]), l2=l2)
+    assert grad_norm < 1e-8
+    return model, l2, (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+
+
+@pytest.mark.parametrize("method", ["direct", "cg"])
+def test_predicted_loss_change_matches_leave_one_out(breast_cancer, method):
+    model, l2, train, test = breast_cancer
+    inf = tfi.Influence(model, bce, train, l2=l2, method=method, progress=False)
+    test_point = (test[0][:1], test[1][:1])
+    predicted = inf.predicted_loss_change(test_point)
+    top50 = np.argsort(-np.abs(predicted[0]))[:50]
+    result = validation.leave_one_out(model, bce, train, test_point, top50,
+                                      predicted=predicted[:, top50], l2=l2)
+    assert result.max_gradient_norm < 1e-7
+    assert result.pearson >= 0.99, result.pearson
+    assert result.spearman >= 0.95, result.spearman
+
+
+def _brute_force_scores(model, loss, train, test, damping, variables):
+    tf_vars = [v.value for v in variables]
+    op = tfi.HessianOperator(model, loss, train, variables, damping=damping)
+    dense = op.to_dense().numpy()
+
+    def grads(x, y):
+        rows = []
+        for i in range(len(y)):
+            with tf.GradientTape() as tape:
+                loss_i = loss(y[i:i + 1], model(x[i:i + 1]))[0]
+            rows.append(np.concatenate([g.numpy().ravel() for g in tape.gradient(loss_i, tf_vars)]))
+        return np.stack(rows)
+
+    return grads(*test) @ np.linalg.solve(dense, grads(*train).T), dense
+
+
+@pytest.mark.parametrize("method", ["direct", "cg"])
+def test_scores_equal_brute_force(float64, rng, method):
+    model = models.mlp()
+    x, y = models.classification_data(rng, n=40)
+    train, test = (x[:30], y[:30]), (x[30:], y[30:])
+    expected, _ = _brute_force_scores(model, sce, train, test, 0.5, model.trainable_variables)
+    options = {"tol": 1e-10} if method == "cg" else {}
+    inf = tfi.Influence(model, sce, train, method=method, damping=0.5, progress=False, **options)
+    scores = inf.scores(test)
+    assert scores.shape == (10, 30)
+    assert relative_error(scores, expected) <= 1e-6
+    np.testing.assert_allclose(inf.predicted_loss_change(test), scores / 30, rtol=1e-12)
+    self_expected = np.diag(_brute_force_scores(model, sce, train, train, 0.5, model.trainable_variables)[0])
+    assert relative_error(inf.self_influence(), self_expected) <= 1e-6
+
+
+def test_scores_on_a_variable_subset(float64, rng):
+    model = models.mlp()
+    x, y = models.classification_data(rng, n=40)
+    train, test = (x[:30], y[:30]), (x[30:], y[30:])
+    head = model.layers[-1].trainable_variables
+    expected, _ = _brute_force_scores(model, sce, train, test, 0.1, head)
+    inf = tfi.Influence(model, sce, train, variables="head", method="direct", damping=0.1, progress=False)
+    assert relative_error(inf.scores(test), expected) <= 1e-8
+
+
+def test_top_k_orders_scores(float64, rng):
+    model = models.mlp()
+    x, y = models.classification_data(rng, n=40)
+    inf = tfi.Influence(model, sce, (x[:30], y[:30]), method="direct", damping=0.5, progress=False)
+    scores = inf.scores((x[30:], y[30:]))
+    top = inf.top_k((x[30:], y[30:]), k=4)
+    for t in range(10):
+        np.testing.assert_array_equal(top.helpful_indices[t], np.argsort(-scores[t])[:4])
+        np.testing.assert_array_equal(top.harmful_indices[t], np.argsort(scores[t])[:4])
+        assert np.all(np.diff(top.helpful_scores[t]) <= 0) and np.all(np.diff(top.harmful_scores[t]) >= 0)
+
+
+def test_batch_size_and_format_invariance(float64, rng):
+    model = models.mlp()
+    x, y = models.classification_data(rng, n=45)
+    train, test = (x[:37], y[:37]), (x[37:], y[37:])
+    reference = tfi.Influence(model, sce, train, method="direct", damping=0.3, batch_size=64,
+                              progress=False).scores(test)
+    small = tfi.Influence(model, sce, train, method="direct", damping=0.3, batch_size=5, progress=False)
+    assert relative_error(small.scores(test), reference) <= 1e-10
+    ds_train = tf.data.Dataset.from_tensor_slices(train).batch(8).filter(lambda a, b: True)
+    ds_test = tf.data.Dataset.from_tensor_slices(test).batch(3)
+    from_data = tfi.Influence(model, sce, ds_train, method="direct", damping=0.3, progress=False)
+    assert relative_error(from_data.scores(ds_test), reference) <= 1e-10
+
+
+def test_inverse_hvps_are_cached_and_refreshed_when_weights_change(float64, rng):
+    model = models.mlp()
+    x, y = models.classification_data(rng, n=30)
+    inf = tfi.Influence(model, sce, (x[:25], y[:25]), method="cg", damping=0.5, progress=False)
+    calls = []
+    solve = inf._solve
+    inf._solve = lambda rows: calls.append(int(rows.shape[0])) or solve(rows)
+    first = inf.test_inverse_hvps((x[25:], y[25:]))
+    again = inf.test_inverse_hvps((x[24:], y[24:]))  # one new example, five cached
+    assert calls == [5, 1]
+    np.testing.assert_array_equal(again[1:], first)
+    model.layers[0].bias.assign(model.layers[0].bias + 0.1)
+    with pytest.warns(UserWarning, match="weights changed"):
+        changed = inf.test_inverse_hvps((x[25:], y[25:]))
+    assert calls == [5, 1, 5] and relative_error(changed, first) > 1e-6
+
+
+def test_inverse_hvp_forms_and_parameter_change(float64, rng):
+    model = models.mlp()
+    x, y = models.classification_data(rng, n=30)
+    inf = tfi.Influence(model, sce, (x, y), method="direct", damping=0.5, progress=False)
+    dense = inf.operator.to_dense().numpy()
+    v = rng.standard_normal(inf.space.size)
+    flat = inf.inverse_hvp(tf.constant(v)).numpy()
+    assert relative_error(flat, np.linalg.solve(dense, v)) <= 1e-10
+    as_list = inf.inverse_hvp(inf.space.unflatten(tf.constant(v)))
+    assert [tuple(t.shape) for t in as_list] == inf.space.shapes
+    assert relative_error(inf.space.flatten(as_list).numpy(), flat) <= 1e-12
+    grads = np.stack([_single_gradient(model, x[i:i + 1], y[i:i + 1]) for i in (3, 7)])
+    expected = np.linalg.solve(dense, grads.T).T / 30
+    assert relative_error(inf.parameter_change([3, 7]), expected) <= 1e-10
+
+
+def _single_gradient(model, x, y):
+    with tf.GradientTape() as tape:
+        loss = sce(y, model(x))[0]
+    return np.concatenate([g.numpy().ravel() for g in tape.gradient(loss, model.trainable_variables)])
+
+
+def test_self_influence_finds_flipped_labels():
+    from tf_influence.demo import load_digits_with_flipped_labels, train_classifier
+
+    x, y, _, _, flipped = load_digits_with_flipped_labels(n_train=600, seed=1)
+    model = train_classifier(x, y, epochs=60, seed=1)
+    inf = tfi.Influence(model, keras.losses.SparseCategoricalCrossentropy(from_logits=True), (x, y),
+                        variables="head", method="direct", damping=1e-3, progress=False)
+    top_decile = np.argsort(-inf.self_influence())[: len(y) // 10]
+    found = len(np.intersect1d(top_decile, flipped))
+    assert found >= 0.5 * len(flipped), f"{found} of {len(flipped)} flipped labels in the top 10%"
+
+
+def test_bad_inputs(float64, rng):
+    model = models.mlp()
+    x, y = models.classification_data(rng, n=30)
+    inf = tfi.Influence(model, sce, (x, y), method="direct", damping=0.5, progress=False)
+    with pytest.raises(tfi.InputError, match="could not be called on test"):
+        inf.scores((x[:, :3], y))
+    with pytest.raises(tfi.InputError, match=r"k must be an integer in \[1, n_train=30\]. Received: k=31"):
+        inf.top_k((x[:2], y[:2]), k=31)
+    with pytest.raises(tfi.InputError, match="Unknown method 'newton'"):
+        tfi.Influence(model, sce, (x, y), method="newton")
+    with pytest.raises(tfi.InputError, match="indices must be integers"):
+        inf.parameter_change([30])
+
+
+def test_linear_datamodeling_score(breast_cancer):
+    model, l2, train, test = breast_cancer
+    inf = tfi.Influence(model, bce, train, l2=l2, method="direct", progress=False)
+    test_points = (test[0][:5], test[1][:5])
+    attributions = inf.predicted_loss_change(test_points)
+    original = [v.numpy() for v in model.trainable_variables]
+
+    def retrain(kept):
+        try:
+            validation.fit_to_optimum(model, bce, (train[0][kept], train[1][kept]), l2=l2)
+            return bce.call(test_points[1], model(test_points[0])).numpy()
+        finally:
+            for v, value in zip(model.trainable_variables, original):
+                v.assign(value)
+
+    lds = validation.linear_datamodeling_score(attributions, retrain, num_subsets=20, fraction=0.95)
+    shuffled = validation.linear_datamodeling_score(
+        np.random.default_rng(1).permuted(attributions, axis=1), retrain, num_subsets=20, fraction=0.95)
+    assert lds.score >= 0.8, lds.score
+    assert abs(shuffled.score) < lds.score - 0.4
