@@ -2,7 +2,7 @@
 
 A method object is a frozen dataclass of settings with a `name` and
 `solve(operator, rows) -> (x_rows, SolveInfo)`; `SOLVERS` maps names to their classes (other
-modules register more, e.g. "ekfac", "chain").
+"ekfac"/"kfac" and "chain" live in their own modules).
 """
 
 import dataclasses
@@ -14,7 +14,9 @@ import tensorflow as tf
 from tf_influence.errors import InputError
 from tf_influence.operators import MAX_DENSE_SIZE
 from tf_influence.solvers.cg import cg
+from tf_influence.solvers.chain import Chain
 from tf_influence.solvers.direct import direct
+from tf_influence.solvers.ekfac import EKFAC, KFAC
 from tf_influence.solvers.lissa import lissa
 from tf_influence.solvers.scipy_ncg import scipy_ncg
 
@@ -100,7 +102,8 @@ class ScipyNCG:
         return scipy_ncg(operator, rows, avextol=self.avextol, maxiter=self.maxiter)
 
 
-SOLVERS = {"direct": Direct, "cg": CG, "lissa": LiSSA, "scipy": ScipyNCG, "scipy_ncg": ScipyNCG}
+SOLVERS = {"direct": Direct, "cg": CG, "lissa": LiSSA, "scipy": ScipyNCG, "scipy_ncg": ScipyNCG,
+           "ekfac": EKFAC, "kfac": KFAC, "chain": Chain}
 
 
 def make_solver(method, **options):
