@@ -11,11 +11,13 @@ import tensorflow as tf  # noqa: E402
 @pytest.fixture
 def float64():
     """Builds layers in float64 for the duration of a test."""
-    old = keras.backend.floatx()
+    old_floatx, old_policy = keras.backend.floatx(), keras.config.dtype_policy()
     keras.backend.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
     keras.utils.set_random_seed(0)
     yield
-    keras.backend.set_floatx(old)
+    keras.backend.set_floatx(old_floatx)
+    keras.config.set_dtype_policy(old_policy)
 
 
 @pytest.fixture

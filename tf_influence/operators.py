@@ -199,7 +199,9 @@ class HessianOperator(tf.linalg.LinearOperator):
         tangents = self.space.unflatten(vectors)
         total = tf.zeros_like(vectors)
         weight = tf.zeros([], dtype=tf.float64)
-        for batch in self.dataset:
+        # Iterating an iterator, not the dataset: AutoGraph turns `for b in dataset` into a
+        # dataset reduce whose body TF re-instantiates and re-optimises on every call (~0.5 s).
+        for batch in iter(self.dataset):
             total += self._batch_product(batch, tangents)
             weight += tf.cast(tf.reduce_sum(batch[2]), tf.float64)
         tf.debugging.assert_positive(weight, message="The data has zero total sample weight (or no examples).")
@@ -220,7 +222,7 @@ class HessianOperator(tf.linalg.LinearOperator):
     def _gradient_pass_fn(self):
         total = tf.zeros([self.space.size], self.dtype)
         weight = tf.zeros([], dtype=tf.float64)
-        for x, y, w in self.dataset:
+        for x, y, w in iter(self.dataset):  # an iterator: see _data_pass_fn
             with tf.GradientTape() as tape:
                 tape.watch(self._tf_vars)
                 loss = self.objective.weighted_loss_sum(x, y, w)

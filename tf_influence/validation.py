@@ -182,7 +182,7 @@ class _Problem:
         weight = tf.zeros([], self.space.dtype)
         grad = tf.zeros([self.space.size], self.space.dtype)
         offset = tf.constant(0)
-        for x, y, w in self.dataset:
+        for x, y, w in iter(self.dataset):  # an iterator: see HessianOperator._data_pass_fn
             size = tf.shape(w)[0]
             wm = tf.cast(w, self.space.dtype) * tf.cast(mask[offset:offset + size], self.space.dtype)
             with tf.GradientTape() as tape:
