@@ -104,15 +104,14 @@ def _plot(path, x_train, y_train, x_test, y_test, predictions, top, flipped, sel
             ax.imshow(image.reshape(8, 8), cmap="gray_r")
             ax.set_title(title, fontsize=8, color=color)
             ax.axis("off")
-    axes[0, 1].text(0, -6, "most helpful →", fontsize=9)
-    axes[0, 4].text(0, -6, "most harmful →", fontsize=9)
     worst = np.argsort(-self_inf)[:7]
     for ax, i in zip(axes[rows], worst):
         ax.imshow(x_train[i].reshape(8, 8), cmap="gray_r")
         ax.set_title(f"self-inf #{i}\ny={y_train[i]}{' FLIP' if i in flipped else ''}", fontsize=8,
                      color="red" if i in flipped else "black")
         ax.axis("off")
-    fig.suptitle("tf_influence demo: influential training digits (red = flipped label)")
-    fig.tight_layout()
+    fig.suptitle("Each row: a test digit, its 3 most helpful and 3 most harmful training digits (score, label).\n"
+                 "Bottom row: highest self-influence. Red = flipped training label.", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
