@@ -39,7 +39,7 @@ def main():
     model.fit(*train, epochs=1, batch_size=args.batch, verbose=0)
     epoch = time.perf_counter() - start
 
-    inf = tfi.Influence(model, loss, train, method="cg", damping=1e-2, batch_size=args.batch,
+    inf = tfi.Influence(model, loss, train, method="cg", damping=1e-2, curvature="gauss_newton", batch_size=args.batch,
                         progress=False, tol=1e-4, maxiter=50)
     start = time.perf_counter()
     directions = tf.constant(inf.test_inverse_hvps(test))
