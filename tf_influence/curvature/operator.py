@@ -87,7 +87,7 @@ class EKFACOperator(tf.linalg.LinearOperator):
 
     def layer_matrices(self, rows):
         """Splits flat rows `[k, p]` into per-layer matrices `[k, d_a, d_g]` (compute dtype)."""
-        parts = self.factors.space.unflatten(tf.cast(rows, self.compute_dtype))
+        parts = self._split(tf.cast(rows, self.compute_dtype))
         index = {id(v): i for i, v in enumerate(self.factors.variables)}
         matrices = []
         for block in self.factors.blocks:
@@ -99,6 +99,11 @@ class EKFACOperator(tf.linalg.LinearOperator):
                 pieces.append(tf.reshape(parts[index[id(block.bias)]], [k, 1, block.out_features]))
             matrices.append(tf.concat(pieces, axis=1))
         return matrices
+
+    def _split(self, rows):
+        """Flat rows `[k, p]` -> per-variable `[k, size]` pieces, kept in the compute dtype (the
+        variables may be float32 while the factors are float64; `space.unflatten` would cast)."""
+        return tf.split(rows, self.factors.space.sizes, axis=-1)
 
     def _apply(self, x, adjoint_arg, power):
         x = tf.convert_to_tensor(x, dtype=self.dtype)

@@ -83,7 +83,9 @@ class EKFAC:
                     f"({len(self.factors.variables)} vs {len(operator.selected_variables)} variables). "
                     "Fit them with the same model and variable selection.")
             return self.factors
-        key = (id(operator), model_fingerprint(operator.model))
+        # Keyed by the settings too: make_solver(EKFAC(...), **options) copies this dict to the new object.
+        key = (id(operator), model_fingerprint(operator.model), self.name, self.fisher, self.num_samples,
+               self.seed, self.dtype)
         if key not in self._cache:
             self._cache.clear()
             self._cache[key] = fit_factors(
