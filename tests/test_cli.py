@@ -46,3 +46,20 @@ def test_explain_bad_input_names_the_problem(saved):
     with pytest.raises(tfi.InputError, match="does not exist"):
         main(["explain", "--model", str(path / "model.keras"), "--train", str(path / "missing.npz"),
               "--test", str(path / "test.npz")])
+
+
+def test_export_writes_a_servable_model(saved, capsys):
+    import tensorflow as tf
+
+    path, model, train, test = saved
+    code = main(["export", "--model", str(path / "model.keras"), "--train", str(path / "train.npz"),
+                 "--out", str(path / "exported"), "--method", "direct", "--damping", "0.5"])
+    assert code == 0 and "signatures influence, top_k" in capsys.readouterr().out
+    scorer = tf.saved_model.load(str(path / "exported"))
+    scores = scorer.signatures["influence"](x=tf.constant(test[0]), y=tf.constant(test[1]))["scores"].numpy()
+    inf = tfi.Influence(model, keras.losses.SparseCategoricalCrossentropy(from_logits=True), train,
+                        method="direct", damping=0.5, progress=False)
+    np.testing.assert_allclose(scores, inf.scores(test), rtol=1e-6, atol=1e-9)
+    with pytest.raises(tfi.InputError, match="already exists"):
+        main(["export", "--model", str(path / "model.keras"), "--train", str(path / "train.npz"),
+              "--out", str(path / "exported")])

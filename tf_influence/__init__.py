@@ -12,6 +12,7 @@ from tf_influence.errors import (
     SecondDerivativeError,
     UnsupportedLayerError,
 )
+from tf_influence.export import export_saved_model
 from tf_influence.influence import Influence, TopK
 from tf_influence.objective import Objective
 from tf_influence.operators import HessianOperator
@@ -40,6 +41,7 @@ __all__ = [
     "UnsupportedLayerError",
     "as_dataset",
     "check_hvp",
+    "export_saved_model",
     "extreme_eigenvalues",
     "inverse_hvp",
     "select_variables",

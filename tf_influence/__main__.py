@@ -1,8 +1,11 @@
-"""Command line: `python -m tf_influence {demo, explain}`.
+"""Command line: `python -m tf_influence {demo, explain, export}`.
 
   python -m tf_influence demo [--plot demo.png]
   python -m tf_influence explain --model M.keras --train train.npz --test test.npz \\
       --method cg --top-k 10 [--loss NAME] [--variables LAYER ...] [--damping 1e-3] [--output scores.npz]
+
+  python -m tf_influence export --model M.keras --train train.npz --out DIR \\
+      [--method direct] [--variables LAYER ...] [--damping 1e-3] [--overwrite]
 
 .npz files hold arrays `x`, `y` and optionally `w` (sample weights).
 """
@@ -35,6 +38,18 @@ def main(argv=None):
     explain.add_argument("--output", default="influence_scores.npz")
     explain.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    export = commands.add_parser("export", help="write a SavedModel that answers influence queries")
+    export.add_argument("--model", required=True, help="a .keras model file")
+    export.add_argument("--train", required=True, help=".npz with x, y (and w)")
+    export.add_argument("--out", required=True, help="SavedModel directory to write")
+    export.add_argument("--loss", help="loss name (default: the loss the model was compiled with)")
+    export.add_argument("--method", default="direct")
+    export.add_argument("--damping", type=float, default=1e-3)
+    export.add_argument("--l2", type=float, default=0.0)
+    export.add_argument("--variables", nargs="*", help="layer names (default: all trainable)")
+    export.add_argument("--batch-size", type=int, default=None)
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.command == "demo":
@@ -42,6 +57,8 @@ def main(argv=None):
 
         demo_module.run(plot=args.plot, method=args.method, seed=args.seed)
         return 0
+    if args.command == "export":
+        return _export(args)
     return _explain(args)
 
 
@@ -59,9 +76,8 @@ def _load_npz(path, name):
         return tuple(data[k] for k in ("x", "y", "w") if k in data.files)
 
 
-def _explain(args):
+def _influence(args, progress=True):
     import keras
-    import numpy as np
 
     import tf_influence as tfi
 
@@ -69,10 +85,28 @@ def _explain(args):
     loss = args.loss or getattr(model, "loss", None)
     if loss is None:
         raise tfi.InputError("The model was saved without a compiled loss; pass --loss NAME.")
-    train, test = _load_npz(args.train, "train"), _load_npz(args.test, "test")
+    train = _load_npz(args.train, "train")
     inf = tfi.Influence(model, loss, train, variables=args.variables or None, method=args.method,
-                        damping=args.damping, l2=args.l2, batch_size=args.batch_size,
-                        progress=not args.quiet)
+                        damping=args.damping, l2=args.l2, batch_size=args.batch_size, progress=progress)
+    return inf, train
+
+
+def _export(args):
+    import tf_influence as tfi
+
+    inf, _ = _influence(args)
+    info = tfi.export_saved_model(inf, args.out, overwrite=args.overwrite)
+    print(f"Wrote {info['path']} ({info['bytes'] / 2**20:.2f} MiB): signatures influence, top_k, "
+          f"self_influence, serving_default over {info['parameters']} parameters and "
+          f"{info['n_train']} training examples.")
+    return 0
+
+
+def _explain(args):
+    import numpy as np
+
+    inf, train = _influence(args, progress=not args.quiet)
+    test = _load_npz(args.test, "test")
     scores = inf.scores(test[:2])
     top = inf.top_k(test[:2], min(args.top_k, inf.n_train))
     weights = train[2] if len(train) == 3 else np.ones(inf.n_train)
