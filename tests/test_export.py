@@ -87,6 +87,7 @@ def test_loaded_model_gives_the_library_scores_without_tf_influence(tmp_path, fl
                  self_influence=_self_influence(inf, test), predictions=model(test[0]).numpy(),
                  helpful=top.helpful_indices, harmful=top.harmful_indices)
     result = _run_hidden(tmp_path, list(methods))
+    print(json.dumps(result))  # the measured differences, shown with `pytest -s`
     assert result["hidden"]
     for method in methods:
         r = result[method]
