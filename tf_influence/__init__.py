@@ -19,6 +19,7 @@ from tf_influence.operators import HessianOperator
 from tf_influence.params import ParameterSpace, select_variables
 from tf_influence.solvers.dispatch import inverse_hvp
 from tf_influence.spectrum import SpectrumEstimate, extreme_eigenvalues
+from tf_influence.streaming import score_to_file
 from tf_influence import solvers, validation  # noqa: E402  (namespaces: tfi.solvers.CG, tfi.validation)
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ __all__ = [
     "export_saved_model",
     "extreme_eigenvalues",
     "inverse_hvp",
+    "score_to_file",
     "select_variables",
     "solvers",
     "validation",

@@ -1,0 +1,114 @@
+"""Scores written to disk batch by batch: resumable after an interruption, bounded memory."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+import tf_influence as tfi
+from tests import models
+
+sce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+@pytest.fixture
+def influence(float64, rng):
+    model = models.mlp()
+    x, y = models.classification_data(rng, n=50)
+    inf = tfi.Influence(model, sce, (x[:43], y[:43]), method="direct", damping=0.5,
+                        curvature="gauss_newton", batch_size=5, progress=False)
+    return inf, (x[43:], y[43:])
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_matrix(influence, tmp_path):
+    inf, test = influence
+    expected = inf.scores(test)
+    path = tmp_path / "scores.npy"
+    dots, calls = inf._dots, []
+
+    def interrupted(batch, directions):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("simulated interruption")
+        return dots(batch, directions)
+
+    inf._dots = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        tfi.score_to_file(inf, test, path)
+    state = json.loads((tmp_path / "scores.npy.progress.json").read_text())
+    assert state["batches_done"] == 3 and not state["complete"]
+
+    inf._dots = lambda batch, directions: calls.append(1) or dots(batch, directions)
+    inf.test_inverse_hvps = lambda data: pytest.fail("a resumed run must reuse the saved test IHVPs")
+    calls.clear()
+    scores = tfi.score_to_file(inf, test, path)
+    assert len(calls) == 9 - 3  # 43 examples in batches of 5: 9 batches, 3 were done
+    np.testing.assert_allclose(scores, expected, rtol=1e-12, atol=1e-15)
+    assert json.loads((tmp_path / "scores.npy.progress.json").read_text())["complete"]
+
+
+def test_resume_with_other_weights_is_refused(influence, tmp_path):
+    inf, test = influence
+    path = tmp_path / "scores.npy"
+    tfi.score_to_file(inf, test, path)
+    inf.model.layers[0].bias.assign(inf.model.layers[0].bias + 0.1)
+    with pytest.warns(UserWarning, match="weights changed"), pytest.raises(tfi.InputError, match="cannot be resumed"):
+        tfi.score_to_file(inf, test, path)
+    fresh = tfi.score_to_file(inf, test, path, resume=False)
+    np.testing.assert_allclose(fresh, inf.scores(test), rtol=1e-12, atol=1e-15)
+    with pytest.raises(tfi.InputError, match="must end with '.npy'"):
+        tfi.score_to_file(inf, test, tmp_path / "scores.csv")
+
+
+_MEMORY = textwrap.dedent("""
+    import os, sys, threading, time
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    import keras, numpy as np, tensorflow as tf
+    import tf_influence as tfi
+    n = int(sys.argv[1])
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((32,)), keras.layers.Dense(16, activation="tanh"),
+                              keras.layers.Dense(4, name="head")])
+    def example(i):
+        g = tf.random.stateless_normal([32], seed=tf.stack([i, tf.constant(0, tf.int64)]))
+        return g, tf.math.floormod(i, 4), tf.constant(1.0)
+    train = tf.data.Dataset.range(n).map(example).batch(1000)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    inf = tfi.Influence(model, loss, train, variables="head", method="direct", damping=0.1,
+                        curvature="gauss_newton", progress=False)
+    test = tf.data.Dataset.range(n, n + 8).map(example).batch(8)
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    peak, running = [rss()], True
+    def sample():  # the resident set while scoring (ru_maxrss would be the import-time peak)
+        while running:
+            peak.append(rss())
+            time.sleep(0.005)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    scores = tfi.score_to_file(inf, test, sys.argv[2])
+    running = False
+    sampler.join()
+    assert scores.shape == (8, n)
+    print(max(peak))
+""")
+
+
+def test_peak_memory_does_not_grow_with_n_train(tmp_path):
+    script = tmp_path / "memory.py"
+    script.write_text(_MEMORY)
+    peaks = {}
+    for n in (10_000, 50_000):
+        result = subprocess.run([sys.executable, str(script), str(n), str(tmp_path / f"s{n}.npy")],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        peaks[n] = int(result.stdout.strip().splitlines()[-1])
+    print(f"peak RSS while scoring (bytes): {peaks}")
+    assert peaks[50_000] < 1.2 * peaks[10_000], peaks
