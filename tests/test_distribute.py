@@ -54,7 +54,7 @@ SCRIPT = textwrap.dedent(r"""
     out = {"replicas": strategy.num_replicas_in_sync,
            "variable_type": type(mirrored.layers[0].kernel.value).__name__}
 
-    options = dict(damping=0.05, l2=0.01, batch_size=10)
+    options = dict(damping=0.5, l2=0.01, batch_size=10)
     op1 = tfi.HessianOperator(single, sce, (x, y, w), **options)
     op2 = tfi.HessianOperator(mirrored, sce, (x, y, w), strategy=strategy, **options)
     p = op1.space.size
