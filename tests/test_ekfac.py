@@ -200,6 +200,128 @@ def test_heuristic_damping_is_a_tenth_of_each_layers_mean_eigenvalue(float64, rn
     np.testing.assert_allclose(op.inverse().to_dense().numpy(), np.linalg.inv(dense), rtol=1e-8, atol=1e-10)
 
 
+# -- the conv layer (KFC) by brute force -----------------------------------------------------------
+
+
+def _numpy_patches(x, kernel, strides, padding):
+    """KFC input rows by hand: `[n, T, kh·kw·c_in]` in the kernel's `[kh, kw, c_in]` order (TF padding)."""
+    n, height, width, _ = x.shape
+    (kh, kw), (sh, sw) = kernel, strides
+    if padding == "same":
+        out_h, out_w = -(-height // sh), -(-width // sw)
+        pad_h, pad_w = max((out_h - 1) * sh + kh - height, 0), max((out_w - 1) * sw + kw - width, 0)
+        x = np.pad(x, [(0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)])
+    else:
+        out_h, out_w = (height - kh) // sh + 1, (width - kw) // sw + 1
+    rows = [x[:, i * sh:i * sh + kh, j * sw:j * sw + kw, :].reshape(n, -1)
+            for i in range(out_h) for j in range(out_w)]
+    return np.stack(rows, axis=1)
+
+
+def _tiny_cnn(padding, strides):
+    return keras.Sequential([
+        keras.Input((5, 4, 2)),
+        keras.layers.Conv2D(3, (2, 3), strides=strides, padding=padding, activation="tanh", name="conv"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3, name="head"),
+    ])
+
+
+def _conv_rows_by_hand(model, objective, x, y, padding, strides):
+    """Patches `a` (bias 1 appended) and per-example, per-position `g = ∂ℓ_i/∂z` by autodiff of the
+    pre-activation computed with tf.nn.conv2d (no capture)."""
+    conv = model.get_layer("conv")
+    a = _numpy_patches(x, conv.kernel_size, conv.strides, padding)
+    a = np.concatenate([a, np.ones(a.shape[:2] + (1,))], axis=-1)
+    x_t = tf.constant(x)
+    with tf.GradientTape() as tape:
+        z = tf.nn.conv2d(x_t, conv.kernel.value, strides=[1, *conv.strides, 1], padding=padding.upper()) + conv.bias.value
+        tape.watch(z)
+        h = tf.tanh(z)
+        for layer in model.layers[1:]:
+            h = layer(h)
+        total = tf.reduce_sum(objective.per_example_loss(y, h))
+    g = tape.gradient(total, z).numpy()
+    return a, g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+@pytest.mark.parametrize("padding,strides", [("valid", 1), ("same", 2)])
+def test_conv_layer_kfc_factors_and_ekfac_by_brute_force(float64, rng, padding, strides):
+    """Conv2D (KFC: patches as inputs, positions as extra samples), empirical Fisher, weighted data:
+    (1) Σ_t a_t g_tᵀ of hand-built patches = the per-example autodiff weight gradient G_i;
+    (2) A = Σ_i w_i Σ_t a_t a_tᵀ / (T·W), S = Σ_i w_i Σ_t g_t g_tᵀ / W (Grosse & Martens 2016, so
+        A ⊗ S = E[Σ_t a aᵀ] ⊗ E[Σ_t g gᵀ]/T, the KFC scale for the mean loss);
+    (3) Λ* = Σ_i w_i (Q_Aᵀ G_i Q_S)² / W from the per-example gradients summed over positions;
+    (4) the dense EKFAC block = (Q_A ⊗ Q_S) diag(Λ*) (Q_A ⊗ Q_S)ᵀ."""
+    model = _tiny_cnn(padding, strides)
+    n = 17
+    x, y = rng.standard_normal((n, 5, 4, 2)), rng.integers(0, 3, n)
+    w = rng.uniform(0.5, 2.0, n)
+    objective = tfi.Objective(model, CE_LOGITS)
+    factors = fit_factors(objective, (x, y, w), method="ekfac", fisher="empirical", batch_size=6)
+    conv = factors.layers[0]
+    a, g = _conv_rows_by_hand(model, objective, x, y, padding, strides)
+    positions = a.shape[1]
+    assert positions == {"valid": 4 * 2, "same": 3 * 2}[padding] and a.shape[2] == 2 * 3 * 2 + 1
+
+    grads = _per_example_gradients(objective, model.trainable_variables, x, y)
+    block = _layer_slices(model)[0]
+    per_example = grads[:, block].reshape(n, a.shape[2], 3)  # kernel rows (kh, kw, c_in), then the bias
+    np.testing.assert_allclose(np.einsum("ntk,ntl->nkl", a, g), per_example, rtol=1e-10, atol=1e-13)
+
+    a_expected = np.einsum("n,ntk,ntl->kl", w, a, a) / (positions * w.sum())
+    s_expected = np.einsum("n,ntk,ntl->kl", w, g, g) / w.sum()
+    for q, e, expected in ((conv.q_a, conv.eig_a, a_expected), (conv.q_s, conv.eig_s, s_expected)):
+        q, e = q.numpy(), e.numpy()
+        np.testing.assert_allclose(q @ np.diag(e) @ q.T, expected, rtol=1e-10, atol=1e-13 * np.abs(expected).max())
+        np.testing.assert_allclose(q.T @ q, np.eye(len(e)), atol=1e-12)
+
+    q_a, q_s = conv.q_a.numpy(), conv.q_s.numpy()
+    projected = np.einsum("ka,nkl,lb->nab", q_a, per_example, q_s)
+    corrected = np.einsum("n,nab->ab", w, projected ** 2) / w.sum()
+    np.testing.assert_allclose(conv.corrected.numpy(), corrected, rtol=1e-10, atol=1e-14 * corrected.max())
+    # Not the per-position statistic Σ_t (Q_Aᵀ a_t g_tᵀ Q_S)² (it would differ here).
+    per_position = np.einsum("n,ntab->ab", w, np.einsum("ka,ntk,ntl,lb->ntab", q_a, a, g, q_s) ** 2) / w.sum()
+    assert relative_error(per_position, corrected) > 0.05
+
+    approx = _dense_curvature(factors)
+    basis = np.kron(q_a, q_s)
+    expected = basis @ np.diag(corrected.ravel()) @ basis.T
+    np.testing.assert_allclose(approx[block, block], expected, rtol=1e-9, atol=1e-13 * np.abs(expected).max())
+    # KFAC on the same layer: A ⊗ S from the hand-built A and S.
+    kfac = _dense_curvature(fit_factors(objective, (x, y, w), method="kfac", fisher="empirical", batch_size=6))
+    np.testing.assert_allclose(kfac[block, block], np.kron(a_expected, s_expected), rtol=1e-9,
+                               atol=1e-13 * np.abs(kfac[block, block]).max())
+
+
+def test_conv_ekfac_eigenvalues_are_the_exact_gauss_newton_diagonal_in_the_kfc_basis(float64, rng):
+    """fisher="ggn": Λ* equals diag((Q_A ⊗ Q_S)ᵀ G (Q_A ⊗ Q_S)) for G the conv layer's block of the
+    project's exact Gauss-Newton matrix (which couples all positions of an example)."""
+    model = _tiny_cnn("same", 1)
+    x, y = rng.standard_normal((12, 5, 4, 2)), rng.integers(0, 3, 12)
+    factors = fit_factors(tfi.Objective(model, CE_LOGITS), (x, y), method="ekfac", fisher="ggn", batch_size=5)
+    exact = tfi.HessianOperator(model, CE_LOGITS, (x, y), curvature="gauss_newton").to_dense().numpy()
+    block = _layer_slices(model)[0]
+    conv = factors.layers[0]
+    basis = np.kron(conv.q_a.numpy(), conv.q_s.numpy())
+    diagonal = np.diag(basis.T @ exact[block, block] @ basis).reshape(conv.corrected.shape)
+    np.testing.assert_allclose(conv.corrected.numpy(), diagonal, rtol=1e-9, atol=1e-13 * diagonal.max())
+
+
+def test_kfc_is_exact_for_a_linear_convolution_with_mse(float64, rng):
+    """A linear Conv2D whose output is the MSE prediction: G = (2/m) Σ_t a_t a_tᵀ ⊗ I exactly, so
+    KFC's A ⊗ S (A divided by T, S summed over positions) must equal it: checks the KFC scale."""
+    model = keras.Sequential([keras.Input((3, 4, 2)), keras.layers.Conv2D(2, (2, 2), padding="same"),
+                              keras.layers.Flatten()])
+    x = rng.standard_normal((9, 3, 4, 2))
+    y = rng.standard_normal((9, 3 * 4 * 2))
+    exact = tfi.HessianOperator(model, "mse", (x, y), curvature="gauss_newton").to_dense().numpy()
+    for method in ("kfac", "ekfac"):
+        approx = _dense_curvature(fit_factors(tfi.Objective(model, "mse"), (x, y), method=method, fisher="ggn",
+                                              batch_size=9))
+        np.testing.assert_allclose(approx, exact, rtol=1e-9, atol=1e-12 * np.abs(exact).max())
+
+
 # -- influence scores and CG preconditioning against the direct Gauss-Newton solve ----------------
 
 
