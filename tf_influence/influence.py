@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_influence import distribute as _distribute
 from tf_influence import scoring
 from tf_influence.data import as_dataset, first_batch
 from tf_influence.errors import InputError
@@ -60,6 +61,9 @@ class Influence:
       mode: HVP mode (`"forward_over_back"`, `"back_over_back"`, `"finite_difference"`).
       training: `training` flag the model is called with.
       progress: show progress bars on long loops.
+      strategy: a `tf.distribute.Strategy` that every data pass (curvature products, gradients,
+        scores) splits its batches across, or None for the strategy whose `scope()` is active
+        (single device outside every scope). Results equal the single-device ones.
       **method_options: options of the method (e.g. `tol`, `maxiter` for CG).
 
     Example:
@@ -72,11 +76,11 @@ class Influence:
 
     def __init__(self, model, loss, train, *, variables=None, method="cg", damping=0.0, l2=0.0,
                  curvature="hessian", batch_size=None, mode="forward_over_back", training=False,
-                 progress=True, **method_options):
+                 progress=True, strategy=None, **method_options):
         self.solver = make_solver(method, **method_options)
         self.operator = HessianOperator(model, loss, train, variables, damping=damping, l2=l2,
                                         curvature=curvature, mode=mode, batch_size=batch_size,
-                                        training=training)
+                                        training=training, strategy=strategy)
         self.model = model
         self.objective = self.operator.objective
         self.space = self.operator.space
@@ -88,6 +92,14 @@ class Influence:
         self._tf_vars = tf_variables(self.operator.selected_variables)
         self._gradients = tf.function(self._gradients_fn, reduce_retracing=True)
         self._dots = tf.function(self._dots_fn, reduce_retracing=True)
+        self.strategy = self.operator.strategy
+        if self.strategy is not None:  # each batch split across replicas, rows back in order
+            self._gradients = tf.function(
+                lambda batch: _distribute.batch_rows(self.strategy, self._gradients_fn, batch),
+                reduce_retracing=True)
+            self._dots = tf.function(
+                lambda batch, directions: _distribute.batch_rows(self.strategy, self._dots_fn, batch, directions),
+                reduce_retracing=True)
         self._train_weights = None
         self._reset_cache()
 

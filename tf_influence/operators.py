@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
+from tf_influence import distribute as _distribute
 from tf_influence import hvp as _hvp
 from tf_influence.data import as_dataset, first_batch
 from tf_influence.errors import InputError, NotFiniteError, ResourceError, SecondDerivativeError
@@ -44,6 +45,9 @@ class HessianOperator(tf.linalg.LinearOperator):
       is_positive_definite: a promise, as for every `LinearOperator`: set True when you know
         `H + λI` is positive definite (convex loss with l2 > 0, or λ above |λ_min|; see
         `tfi.extreme_eigenvalues`). Defaults to True for Gauss-Newton with λ > 0, else None.
+      strategy: a `tf.distribute.Strategy` to split every batch across its replicas (sums
+        reduced, same result as one device), or None for the strategy whose `scope()` is active
+        when the operator is built (single device outside every scope). See `tf_influence.distribute`.
 
     Shape: `[p, p]` with p the number of selected parameters.
 
@@ -63,7 +67,7 @@ class HessianOperator(tf.linalg.LinearOperator):
     def __init__(self, model, loss, data, variables=None, *, damping=0.0, l2=0.0,
                  curvature="hessian", mode="forward_over_back", batch_size=None, step=None,
                  training=False, on_unsafe_layers="raise", jit_compile=False,
-                 is_positive_definite=None, name="HessianOperator"):
+                 is_positive_definite=None, strategy=None, name="HessianOperator"):
         if mode not in _hvp.MODES:
             raise InputError(f"Unknown mode {mode!r}. Expected one of {_hvp.MODES}.")
         if curvature not in _hvp.CURVATURES:
@@ -101,6 +105,10 @@ class HessianOperator(tf.linalg.LinearOperator):
         self._batch_product = tf.function(self._batch_product_fn, jit_compile=jit_compile)
         self._data_pass = tf.function(self._data_pass_fn)
         self._gradient_pass = tf.function(self._gradient_pass_fn)
+        self.strategy = _distribute.resolve_strategy(strategy)
+        if self.strategy is not None:
+            self._data_pass = tf.function(self._distributed_data_pass_fn)
+            self._gradient_pass = tf.function(self._distributed_gradient_pass_fn)
         p = self.space.size
         self._pd_promise = is_positive_definite
         if is_positive_definite is None and curvature == "gauss_newton" and damping > 0:
@@ -167,7 +175,7 @@ class HessianOperator(tf.linalg.LinearOperator):
         options = dict(damping=self.damping, curvature=self.curvature, mode=self.mode,
                        batch_size=self._batch_size, step=self.step,
                        on_unsafe_layers=self._on_unsafe_layers, jit_compile=self.jit_compile,
-                       is_positive_definite=self._pd_promise)
+                       is_positive_definite=self._pd_promise, strategy=self.strategy)
         options.update(changes)
         return HessianOperator(self.model, self.objective, self._data, self.selected_variables, **options)
 
@@ -184,7 +192,10 @@ class HessianOperator(tf.linalg.LinearOperator):
                 "data set). Use mode='forward_over_back' or 'back_over_back' for minibatch products."
             )
         vectors = tf.convert_to_tensor(vectors, dtype=self.dtype)
-        total = self._batch_product(batch, self.space.unflatten(vectors))
+        if self.strategy is not None:
+            total = _distribute.batch_sum(self.strategy, self._shard_product, batch, vectors)
+        else:
+            total = self._batch_product(batch, self.space.unflatten(vectors))
         weight = tf.cast(tf.reduce_sum(batch[2]), self.dtype)
         return total / weight + self._regularizer_product(vectors)
 
@@ -211,6 +222,31 @@ class HessianOperator(tf.linalg.LinearOperator):
         products = _hvp.batch_curvature_product(
             self.objective, self._tf_vars, batch, tangents, mode=self.mode, curvature=self.curvature)
         return self.space.flatten(products, batch_dims=1)
+
+    def _distributed_data_pass_fn(self, vectors):
+        initial = (tf.zeros_like(vectors), tf.zeros([], dtype=tf.float64))
+        total, weight = _distribute.replica_sum(self.strategy, self.dataset, self._shard_product_and_weight,
+                                                initial, vectors)
+        tf.debugging.assert_positive(weight, message="The data has zero total sample weight (or no examples).")
+        return total, weight
+
+    def _shard_product(self, shard, vectors):
+        return self._batch_product_fn(shard, self.space.unflatten(vectors))
+
+    def _shard_product_and_weight(self, shard, vectors):
+        return self._shard_product(shard, vectors), tf.cast(tf.reduce_sum(shard[2]), tf.float64)
+
+    def _distributed_gradient_pass_fn(self):
+        initial = (tf.zeros([self.space.size], self.dtype), tf.zeros([], dtype=tf.float64))
+        return _distribute.replica_sum(self.strategy, self.dataset, self._shard_gradient_and_weight, initial)
+
+    def _shard_gradient_and_weight(self, shard):
+        x, y, w = shard
+        with tf.GradientTape() as tape:
+            tape.watch(self._tf_vars)
+            loss = self.objective.weighted_loss_sum(x, y, w)
+        grads = tape.gradient(loss, self._tf_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return self.space.flatten(grads), tf.cast(tf.reduce_sum(w), tf.float64)
 
     def _regularizer_product(self, vectors):
         if not self.objective.l2 and not _has_regularizers(self.model):

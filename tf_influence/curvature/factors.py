@@ -25,6 +25,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from tf_influence import distribute as _distribute
 from tf_influence.curvature import targets as _targets
 from tf_influence.curvature.capture import capture, find_blocks
 from tf_influence.data import as_dataset, first_batch
@@ -141,7 +142,7 @@ class Factors:
 
 
 def fit_factors(objective, data, variables=None, *, method="ekfac", fisher="true", num_samples=1,
-                seed=0, dtype="float64", batch_size=None):
+                seed=0, dtype="float64", batch_size=None, strategy=None):
     """Fits KFAC or EKFAC factors with one (KFAC) or two (EKFAC) passes over the data.
 
     Args:
@@ -155,6 +156,9 @@ def fit_factors(objective, data, variables=None, *, method="ekfac", fisher="true
       seed: sampling seed.
       dtype: accumulation dtype, "float64" or "float32".
       batch_size: batch size when `data` holds arrays.
+      strategy: a `tf.distribute.Strategy` to split every batch across its replicas (statistics
+        summed across replicas; sampled labels drawn for the whole batch, so the factors equal
+        the single-device ones), or None for the strategy whose `scope()` is active.
 
     Returns:
       `Factors`.
@@ -180,7 +184,7 @@ def fit_factors(objective, data, variables=None, *, method="ekfac", fisher="true
     objective.validate(batch, "data")
     _targets.check_outputs(objective, objective.outputs(batch[0]), fisher)
     start = time.perf_counter()
-    fitter = _Fitter(objective, blocks, settings)
+    fitter = _Fitter(objective, blocks, settings, strategy=_distribute.resolve_strategy(strategy))
     sums, total_weight, count = fitter.first_pass(dataset)
     if total_weight <= 0:
         raise InputError("data has zero total sample weight; the mean objective is undefined.")
@@ -200,13 +204,21 @@ def fit_factors(objective, data, variables=None, *, method="ekfac", fisher="true
 class _Fitter:
     """The compiled per-batch statistics of both passes."""
 
-    def __init__(self, objective, blocks, settings):
+    def __init__(self, objective, blocks, settings, strategy=None):
         self.objective = objective
         self.blocks = blocks
         self.settings = settings
         self.dtype = tf.as_dtype(settings.dtype)
+        self.strategy = strategy
         self._pass1 = tf.function(self._pass1_fn, reduce_retracing=True)
         self._pass2 = tf.function(self._pass2_fn, reduce_retracing=True)
+        if strategy is not None:  # each batch split across replicas, statistics summed
+            self._pass1 = tf.function(lambda x, y, w, step: _distribute.batch_sum(
+                strategy, lambda shard, step: self._pass1_fn(*shard, step), (x, y, w), step),
+                reduce_retracing=True)
+            self._pass2 = tf.function(lambda x, y, w, step, bases: _distribute.batch_sum(
+                strategy, lambda shard, step, bases: self._pass2_fn(*shard, step, bases), (x, y, w), step, bases),
+                reduce_retracing=True)
 
     def first_pass(self, dataset):
         sums, total_weight, count = None, 0.0, 0
@@ -231,7 +243,8 @@ class _Fitter:
     def rows(self, x, y, step):
         seed = tf.stack([tf.cast(self.settings.seed, tf.int64), step])
         return layer_rows(self.objective, self.blocks, x, y, fisher=self.settings.fisher,
-                          num_samples=self.settings.num_samples, seed=seed, dtype=self.dtype)
+                          num_samples=self.settings.num_samples, seed=seed, dtype=self.dtype,
+                          whole_batch_targets=self.strategy is not None)
 
     def _pass1_fn(self, x, y, w, step):
         w = tf.cast(w, self.dtype)
@@ -258,20 +271,23 @@ class _Fitter:
         return sums
 
 
-def layer_rows(objective, blocks, x, y, *, fisher, num_samples=1, seed=(0, 0), dtype=tf.float64):
+def layer_rows(objective, blocks, x, y, *, fisher, num_samples=1, seed=(0, 0), dtype=tf.float64,
+               whole_batch_targets=False):
     """One forward pass with capture and one backward pass per output target.
 
     Returns, per block, `(a, [(g, c), ...])`: input rows `a` `[N, T, d_a]` (int token ids `[N, T]`
     for embeddings) and, per target s, pre-activation gradient rows `g` `[N, T, d_g]` with
     per-example weights `c` `[N]` (see `targets.output_targets`). With fisher="empirical", `g` is
     the gradient of each example's own loss, so `Σ_t a_t g_tᵀ` is its weight gradient.
+    With `whole_batch_targets=True` (inside `strategy.run`, x being this replica's shard) labels
+    are sampled for the whole batch and cut to the shard, as on a single device.
     """
     with tf.GradientTape(persistent=True) as tape:
         with capture(blocks, tape=tape) as recording:
             outputs = objective.outputs(x)
     recording.check_called(blocks)
-    us, weights = _targets.output_targets(objective, outputs, y, fisher=fisher, num_samples=num_samples,
-                                          seed=seed)
+    targets = _distribute.whole_batch_targets if whole_batch_targets else _targets.output_targets
+    us, weights = targets(objective, outputs, y, fisher=fisher, num_samples=num_samples, seed=seed)
     preacts = recording.flat_preactivations()
     per_target = [tape.gradient(outputs, preacts, output_gradients=u, unconnected_gradients=_ZERO)
                   for u in us]

@@ -90,7 +90,8 @@ class EKFAC:
             self._cache.clear()
             self._cache[key] = fit_factors(
                 operator.objective, operator.dataset, operator.selected_variables, method=self.name,
-                fisher=self.fisher, num_samples=self.num_samples, seed=self.seed, dtype=self.dtype)
+                fisher=self.fisher, num_samples=self.num_samples, seed=self.seed, dtype=self.dtype,
+                strategy=getattr(operator, "strategy", None))
         return self._cache[key]
 
     def inverse_operator(self, operator):
