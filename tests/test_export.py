@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
 
 import tf_influence as tfi
 from tests import models
@@ -19,82 +20,131 @@ from tests import models
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "saved_models" / "digits_mlp"
 
-# Runs in a fresh interpreter in which `import tf_influence` fails: only TensorFlow loads the models.
+# Runs with `python -I` from a temporary directory, after removing every way to find tf_influence
+# (the editable-install finder and the repository path): only TensorFlow loads the models.
 _LOADER = textwrap.dedent("""
-    import json, sys
-    sys.modules["tf_influence"] = None
+    import importlib.util, json, sys
+    sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")
+                     and "editable" not in getattr(f, "__name__", "")]
+    sys.path = [p for p in sys.path if p and not p.startswith(sys.argv[1])]
     import numpy as np, tensorflow as tf
-    try:
-        import tf_influence
-        hidden = False
-    except ImportError:
-        hidden = True
-    out = {"hidden": hidden}
-    for name in sys.argv[2:]:
-        data = np.load(f"{sys.argv[1]}/{name}.npz")
-        model = tf.saved_model.load(f"{sys.argv[1]}/{name}")
+    out = {"hidden": importlib.util.find_spec("tf_influence") is None}
+
+    def diff(a, b):
+        return {"abs": float(np.abs(a - b).max()), "rel": float(np.abs(a - b).max() / np.abs(b).max())}
+
+    for name in sys.argv[3:]:
+        data = np.load(f"{sys.argv[2]}/{name}.npz")
+        model = tf.saved_model.load(f"{sys.argv[2]}/{name}")
         x, y = tf.constant(data["x"]), tf.constant(data["y"])
         sig = model.signatures
         scores = sig["influence"](x=x, y=y)["scores"].numpy()
         top = sig["top_k"](x=x, y=y, k=tf.constant(3))
-        self_inf = sig["self_influence"](x=x, y=y)["scores"].numpy()
-        preds = sig["serving_default"](x=x)["predictions"].numpy()
-        rel = lambda a, b: float(np.abs(a - b).max() / np.abs(b).max())
+        r = {"signatures": sorted(sig), "shape": list(scores.shape), "scores": diff(scores, data["scores"]),
+             "predictions": diff(sig["serving_default"](x=x)["predictions"].numpy(), data["predictions"]),
+             "top_k": bool(np.array_equal(top["helpful_indices"].numpy(), data["helpful"])
+                           and np.array_equal(top["harmful_indices"].numpy(), data["harmful"])),
+             "settings": json.loads(model.settings.numpy())}
+        if "self_influence" in sig:
+            r["self"] = diff(sig["self_influence"](x=x, y=y)["scores"].numpy(), data["self_influence"])
+        bad_x = x.numpy().copy()
+        bad_x[0, 0] = np.nan
         errors = {}
-        for label, bad in [("width", lambda: sig["influence"](x=tf.zeros([2, x.shape[1] + 1], x.dtype), y=y[:2])),
-                           ("label_dtype", lambda: sig["influence"](x=x, y=tf.cast(y, tf.float32))),
-                           ("k", lambda: sig["top_k"](x=x, y=y, k=tf.constant(10**6)))]:
+        for label, call in [
+                ("width", lambda: sig["influence"](x=tf.zeros([2, x.shape[1] + 1], x.dtype), y=y[:2])),
+                ("label_dtype", lambda: sig["influence"](x=x, y=tf.cast(y, tf.float32))),
+                ("label_range", lambda: sig["influence"](x=x, y=y + 100)),
+                ("batch", lambda: sig["influence"](x=x[:3], y=y[:2])),
+                ("nan", lambda: sig["influence"](x=tf.constant(bad_x), y=y)),
+                ("k_large", lambda: sig["top_k"](x=x, y=y, k=tf.constant(10**6))),
+                ("k_zero", lambda: sig["top_k"](x=x, y=y, k=tf.constant(0)))]:
             try:
-                bad()
+                call()
                 errors[label] = None
             except Exception as e:
-                errors[label] = type(e).__name__
-        out[name] = {"scores": rel(scores, data["scores"]), "self": rel(self_inf, data["self_influence"]),
-                     "predictions": rel(preds, data["predictions"]),
-                     "top_k": bool(np.array_equal(top["helpful_indices"].numpy(), data["helpful"])
-                                   and np.array_equal(top["harmful_indices"].numpy(), data["harmful"])),
-                     "shape": list(scores.shape), "errors": errors}
+                errors[label] = f"{type(e).__name__}: {str(e)}"
+        r["errors"] = errors
+        out[name] = r
     print(json.dumps(out))
 """)
 
 sce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+_ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+# name: (method, store, method options)
+CASES = {
+    "direct": ("direct", "auto", {}),
+    "cg_inverse": ("cg", "inverse", {"tol": 1e-10}),
+    "cg_preconditioned": ("cg", "preconditioned", {"tol": 1e-10}),
+    "ekfac": ("ekfac", "auto", {}),
+}
 
 
 def _run_hidden(tmp_path, names):
     script = tmp_path / "load.py"
     script.write_text(_LOADER)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    result = subprocess.run([sys.executable, str(script), str(tmp_path), *names], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-I", str(script), str(ROOT), str(tmp_path), *names], cwd=tmp_path,
+                            env=_ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _largest_graph_constant(path):
+    """Elements of the largest Const node in the SavedModel's graphs (stored state would be big)."""
+    proto = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
+    graph = proto.meta_graphs[0].graph_def
+    nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+    sizes = [int(np.prod([d.size for d in n.attr["value"].tensor.tensor_shape.dim]))
+             for n in nodes if n.op == "Const"]
+    return max(sizes)
+
+
 def test_loaded_model_gives_the_library_scores_without_tf_influence(tmp_path, float64, rng):
-    model = models.mlp()
+    model = models.mlp(hidden=5)
     x, y = models.classification_data(rng, n=40)
     train, test = (x[:30], y[:30]), (x[30:], y[30:])
-    methods = {"direct": {}, "cg": {"tol": 1e-10}, "ekfac": {}}
-    for method, options in methods.items():
+    infos = {}
+    for name, (method, store, options) in CASES.items():
         inf = tfi.Influence(model, sce, train, method=method, damping=0.1, curvature="gauss_newton",
                             progress=False, **options)
-        info = tfi.export_saved_model(inf, tmp_path / method)
-        assert info["parameters"] == inf.space.size and info["n_train"] == 30 and info["bytes"] > 0
-        scores = inf.scores(test)
+        infos[name] = info = tfi.export_saved_model(inf, tmp_path / name, store=store)
+        assert info["parameters"] == inf.space.size == 43 and info["n_train"] == 30 and info["bytes"] > 0
+        # Stored state lives in variables: no graph constant is anywhere near a stored matrix's size.
+        assert _largest_graph_constant(tmp_path / name) < 16, name
         top = inf.top_k(test, 3)
-        np.savez(tmp_path / f"{method}.npz", x=test[0], y=test[1], scores=scores,
+        np.savez(tmp_path / f"{name}.npz", x=test[0], y=test[1], scores=inf.scores(test),
                  self_influence=_self_influence(inf, test), predictions=model(test[0]).numpy(),
                  helpful=top.helpful_indices, harmful=top.harmful_indices)
-    result = _run_hidden(tmp_path, list(methods))
-    print(json.dumps(result))  # the measured differences, shown with `pytest -s`
-    assert result["hidden"]
-    for method in methods:
-        r = result[method]
-        assert r["shape"] == [10, 30]
-        assert r["scores"] <= 1e-5 and r["self"] <= 1e-5 and r["predictions"] <= 1e-12, (method, r)
-        assert r["top_k"], method
-        assert all(r["errors"].values()), r["errors"]  # each bad input raised
+    assert infos["direct"]["store"] == "inverse" and infos["ekfac"]["store"] == "factors"
+    assert infos["direct"]["arrays"] == {"inverse": [43, 43], "train_gradients": [30, 43]}
+    assert infos["cg_preconditioned"]["arrays"] == {"preconditioned": [30, 43]}
+    assert infos["ekfac"]["arrays"] == {"train_gradients": [30, 43], "layer0_q_a": [5, 5], "layer0_q_s": [5, 5],
+                                        "layer0_scale": [5, 5], "layer1_q_a": [6, 6], "layer1_q_s": [3, 3],
+                                        "layer1_scale": [6, 3]}
+
+    result = _run_hidden(tmp_path, list(CASES))
+    for name in CASES:  # the measured differences and sizes, shown with `pytest -s`
+        r = result[name]
+        print(f"{name}: {infos[name]['bytes']} bytes; scores max abs {r['scores']['abs']:.3g} rel "
+              f"{r['scores']['rel']:.3g}; self_influence {r.get('self')}")
+    assert result["hidden"], "tf_influence was importable in the loading process"
+    for name, (method, store, _) in CASES.items():
+        r = result[name]
+        assert r["shape"] == [10, 30], name
+        assert r["scores"]["abs"] <= 1e-5 and r["scores"]["rel"] <= 1e-5, (name, r)
+        assert r["predictions"]["abs"] <= 1e-12, (name, r)
+        assert r["top_k"], name
+        assert r["settings"]["method"] == method and r["settings"]["damping"] == 0.1, r["settings"]
+        if store == "preconditioned":
+            assert "self_influence" not in r["signatures"]
+        else:
+            assert r["self"]["abs"] <= 1e-5 and r["self"]["rel"] <= 1e-5, (name, r)
+        assert all(r["errors"].values()), (name, r["errors"])  # every bad input raised
+        assert "x must have shape [batch, 4]" in r["errors"]["width"], r["errors"]
+        assert "expected to be a int64 tensor but is a float tensor" in r["errors"]["label_dtype"], r["errors"]
+        assert "labels y must be < 3" in r["errors"]["label_range"], r["errors"]
+        assert "same number of examples" in r["errors"]["batch"] and "NaN" in r["errors"]["nan"]
+        assert "k must be ≤ n_train" in r["errors"]["k_large"] and "k must be ≥ 1" in r["errors"]["k_zero"]
 
 
 def _self_influence(inf, test):
@@ -120,26 +170,50 @@ def test_export_is_atomic_and_needs_overwrite(tmp_path, float64, rng, monkeypatc
     assert not target.exists() and list(tmp_path.iterdir()) == []
     monkeypatch.undo()
 
-    tfi.export_saved_model(inf, target)
+    first = tfi.export_saved_model(inf, target)
     with pytest.raises(tfi.InputError, match="already exists. Pass overwrite=True"):
         tfi.export_saved_model(inf, target)
+    # An interrupted overwrite keeps the previous model intact.
+    monkeypatch.setattr(tf.saved_model, "save", fail_midway)
+    with pytest.raises(KeyboardInterrupt):
+        tfi.export_saved_model(inf, target, overwrite=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert tf.saved_model.load(str(target)).n_train.numpy() == first["n_train"]
     tfi.export_saved_model(inf, target, overwrite=True)
     assert (target / "saved_model.pb").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
-    with pytest.raises(tfi.ResourceError, match="max_parameters=10"):
+
+    with pytest.raises(tfi.ResourceError, match="max_parameters=10.*store='preconditioned'"):
         tfi.export_saved_model(inf, tmp_path / "big", max_parameters=10)
+    with pytest.raises(tfi.InputError, match="store='factors'.*method='direct'"):
+        tfi.export_saved_model(inf, tmp_path / "factors", store="factors")
+    with pytest.raises(tfi.InputError, match="Received: store='dense'"):
+        tfi.export_saved_model(inf, tmp_path / "dense", store="dense")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def _saved_model_cli():
+    cli = pathlib.Path(sys.executable).parent / "saved_model_cli"
+    if cli.exists():
+        return [str(cli)]
+    return [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
 
 
 def test_saved_model_cli_runs_the_committed_example(tmp_path):
-    cli = shutil.which("saved_model_cli") or str(pathlib.Path(sys.executable).parent / "saved_model_cli")
     with np.load(ROOT / "saved_models" / "digits_query.npz") as data:
         np.save(tmp_path / "x.npy", data["x"][:2])
         np.save(tmp_path / "y.npy", data["y"][:2])
         expected = data["scores"][:2]
+    show = subprocess.run([*_saved_model_cli(), "show", "--all", "--dir", str(EXAMPLE)],
+                          capture_output=True, text=True, timeout=300, env=_ENV)
+    assert show.returncode == 0, show.stderr[-3000:]
+    for name in ("'influence'", "'top_k'", "'self_influence'", "'serving_default'"):
+        assert f"signature_def[{name}]" in show.stdout, name
     result = subprocess.run(
-        [cli, "run", "--dir", str(EXAMPLE), "--tag_set", "serve", "--signature_def", "influence",
+        [*_saved_model_cli(), "run", "--dir", str(EXAMPLE), "--tag_set", "serve", "--signature_def", "influence",
          "--inputs", f"x={tmp_path / 'x.npy'};y={tmp_path / 'y.npy'}", "--outdir", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        capture_output=True, text=True, timeout=300, env=_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     scores = np.load(tmp_path / "out" / "scores.npy")
-    assert scores.shape == expected.shape
+    assert scores.shape == expected.shape == (2, 1200)
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
