@@ -23,6 +23,7 @@ SCRIPT = textwrap.dedent(r"""
     import keras
     keras.config.set_floatx("float64")
     import tf_influence as tfi
+    keras.utils.set_random_seed(0)
 
     def rel(a, b):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -62,6 +63,25 @@ SCRIPT = textwrap.dedent(r"""
     out["matvec"] = rel(op2.matvec(tf.constant(v[0])), op1.matvec(tf.constant(v[0])))
     out["apply_k3"] = rel(op2.apply(v), op1.apply(v))
 
+    out["operator_strategy"] = op2.strategy is strategy and op1.strategy is None
+    # Each batch really is split: replica shards of the first batch (10 rows) live on both devices.
+    from tf_influence import distribute
+    first = next(iter(op2.dataset))
+    shards = strategy.experimental_local_results(distribute.split_batch(strategy, first))
+    out["shard_rows"] = [int(s[2].shape[0]) for s in shards]
+    # ... and the compiled data pass places the curvature products on both devices.
+    graph_def = op2._data_pass.get_concrete_function(tf.TensorSpec([3, p], tf.float64)).graph.as_graph_def()
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+    out["pass_devices"] = sorted({n.device.split("/")[-1] for n in nodes if n.device})
+
+    # Batches of 12: the last batch has 1 example, so one replica gets an empty shard.
+    op1b = tfi.HessianOperator(single, sce, (x, y, w), damping=0.5, l2=0.01, batch_size=12)
+    op2b = tfi.HessianOperator(mirrored, sce, (x, y, w), damping=0.5, l2=0.01, batch_size=12,
+                               strategy=strategy)
+    out["matvec_empty_shard"] = rel(op2b.apply(v), op1b.apply(v))
+    out["gradient"] = rel(op2.gradient(), op1.gradient())
+    out["batch_apply"] = rel(op2.batch_apply(first, v), op1.batch_apply(first, v))
+
     # The operator built inside strategy.scope() picks the strategy up without the argument.
     with strategy.scope():
         op3 = tfi.HessianOperator(mirrored, sce, (x, y, w), **options)
@@ -98,9 +118,22 @@ def mirrored_results():
 
 def test_two_replicas_and_mirrored_variables(mirrored_results):
     assert mirrored_results["replicas"] == 2
+    assert mirrored_results["variable_type"] == "MirroredVariable"
+    assert mirrored_results["operator_strategy"] is True
 
 
-@pytest.mark.parametrize("key", ["matvec", "apply_k3", "matvec_implicit", "cg", "scores"])
+def test_each_batch_is_split_across_both_devices(mirrored_results):
+    assert mirrored_results["shard_rows"] == [5, 5]
+    assert mirrored_results["pass_devices"] == ["device:CPU:0", "device:CPU:1"]
+
+
+def test_cg_ran(mirrored_results):
+    assert mirrored_results["cg_iterations"] > 5
+    assert mirrored_results["scores_shape"] == [5, 37]
+
+
+@pytest.mark.parametrize("key", ["matvec", "apply_k3", "matvec_implicit", "matvec_empty_shard", "gradient",
+                                 "batch_apply", "cg", "scores"])
 def test_distributed_equals_single_device(mirrored_results, key):
     assert mirrored_results[key] <= TOL, mirrored_results
 
