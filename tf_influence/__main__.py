@@ -5,7 +5,7 @@
       --method cg --top-k 10 [--loss NAME] [--variables LAYER ...] [--damping 1e-3] [--output scores.npz]
 
   python -m tf_influence export --model M.keras --train train.npz --out DIR \\
-      [--method direct] [--variables LAYER ...] [--damping 1e-3] [--overwrite]
+      [--method direct] [--store auto] [--variables LAYER ...] [--damping 1e-3] [--overwrite]
 
 .npz files hold arrays `x`, `y` and optionally `w` (sample weights).
 """
@@ -48,6 +48,8 @@ def main(argv=None):
     export.add_argument("--l2", type=float, default=0.0)
     export.add_argument("--variables", nargs="*", help="layer names (default: all trainable)")
     export.add_argument("--batch-size", type=int, default=None)
+    export.add_argument("--store", default="auto", help="auto | inverse | factors | preconditioned")
+    export.add_argument("--max-parameters", type=int, default=8192, help="largest p for a dense inverse")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     args = parser.parse_args(argv)
@@ -95,10 +97,12 @@ def _export(args):
     import tf_influence as tfi
 
     inf, _ = _influence(args)
-    info = tfi.export_saved_model(inf, args.out, overwrite=args.overwrite)
-    print(f"Wrote {info['path']} ({info['bytes'] / 2**20:.2f} MiB): signatures influence, top_k, "
-          f"self_influence, serving_default over {info['parameters']} parameters and "
-          f"{info['n_train']} training examples.")
+    info = tfi.export_saved_model(inf, args.out, overwrite=args.overwrite, store=args.store,
+                                  max_parameters=args.max_parameters)
+    signatures = ", ".join(s for s in ("influence", "top_k", "self_influence", "serving_default")
+                           if s in info["signatures"])
+    print(f"Wrote {info['path']} ({info['bytes'] / 2**20:.2f} MiB, store={info['store']!r}): signatures "
+          f"{signatures} over {info['parameters']} parameters and {info['n_train']} training examples.")
     return 0
 
 
