@@ -6,6 +6,7 @@ without a strategy (same weights) and prints the relative differences as JSON.
 """
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -102,6 +103,29 @@ SCRIPT = textwrap.dedent(r"""
     s2 = inf2.scores((x_test, y_test))
     out["scores_shape"] = list(s2.shape)
     out["scores"] = rel(s2, s1)
+    out["self_influence"] = rel(inf2.self_influence(), inf1.self_influence())
+
+    # LiSSA: exact products (batch_size=None) and seeded minibatches of 5 (split across replicas).
+    scale = 1.1 * tfi.extreme_eigenvalues(op1, num_iterations=20, seed=0).largest
+    for key, batch in (("lissa_full", None), ("lissa_minibatch", 5)):
+        l1, _ = tfi.solvers.lissa(op1, b, scale=scale, batch_size=batch, recursion_depth=40, seed=3, progress=False)
+        l2, _ = tfi.solvers.lissa(op2, b, scale=scale, batch_size=batch, recursion_depth=40, seed=3, progress=False)
+        out[key] = rel(l2, l1)
+        out[key + "_vs_cg"] = rel(l1, x1)  # the comparison is not between two unconverged garbage values
+
+    # EKFAC factors with labels sampled from the model (seeded), batches of 12 (an empty shard).
+    from tf_influence.curvature import EKFACOperator, fit_factors
+    sce_keras = keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # named: fisher="true" can sample
+    f1 = fit_factors(tfi.Objective(single, sce_keras), (x, y, w), method="ekfac", fisher="true", seed=0, batch_size=12)
+    f2 = fit_factors(tfi.Objective(mirrored, sce_keras), (x, y, w), method="ekfac", fisher="true", seed=0, batch_size=12,
+                     strategy=strategy)
+    out["ekfac_total_weight"] = abs(f2.total_weight - f1.total_weight) / f1.total_weight
+    out["ekfac_eigenvalues"] = max(rel(np.sort(np.ravel(e2)), np.sort(np.ravel(e1)))
+                                   for e1, e2 in zip(f1.eigenvalues(), f2.eigenvalues()))
+    out["ekfac_dense"] = rel(EKFACOperator(f2, damping=1e-3).to_dense(), EKFACOperator(f1, damping=1e-3).to_dense())
+    inf1e = tfi.Influence(single, sce_keras, (x, y, w), method="ekfac", progress=False, **options)
+    inf2e = tfi.Influence(mirrored, sce_keras, (x, y, w), method="ekfac", progress=False, strategy=strategy, **options)
+    out["ekfac_scores"] = rel(inf2e.scores((x_test, y_test)), inf1e.scores((x_test, y_test)))
     print("RESULT " + json.dumps(out))
 """)
 
@@ -133,10 +157,126 @@ def test_cg_ran(mirrored_results):
 
 
 @pytest.mark.parametrize("key", ["matvec", "apply_k3", "matvec_implicit", "matvec_empty_shard", "gradient",
-                                 "batch_apply", "cg", "scores"])
+                                 "batch_apply", "cg", "scores", "self_influence", "lissa_full",
+                                 "lissa_minibatch", "ekfac_total_weight", "ekfac_eigenvalues", "ekfac_dense",
+                                 "ekfac_scores"])
 def test_distributed_equals_single_device(mirrored_results, key):
     assert mirrored_results[key] <= TOL, mirrored_results
 
 
 def test_strategy_picked_up_from_scope(mirrored_results):
     assert mirrored_results["implicit_strategy"] is True
+
+
+# -- MultiWorkerMirroredStrategy: 2 worker processes on 127.0.0.1 ---------------------------------
+
+WORKER = textwrap.dedent(r"""
+    import json, os, sys
+    index, ports, out_path = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3]
+    os.environ["TF_CONFIG"] = json.dumps({
+        "cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
+        "task": {"type": "worker", "index": index},
+    })
+    import numpy as np
+    import tensorflow as tf
+    import keras
+    keras.config.set_floatx("float64")
+    import tf_influence as tfi
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(
+            implementation=tf.distribute.experimental.CommunicationImplementation.RING))
+    keras.utils.set_random_seed(0)
+
+    def mlp():
+        return keras.Sequential([
+            keras.Input((4,)),
+            keras.layers.Dense(6, activation="tanh", name="hidden"),
+            keras.layers.Dense(3, name="head"),
+        ])
+
+    def sce(y, logits):
+        return keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+
+    rng = np.random.default_rng(0)               # every worker holds the same data
+    n = 37
+    x = rng.standard_normal((n, 4))
+    y = rng.integers(0, 3, size=n)
+    w = rng.uniform(0.5, 2.0, size=n)
+    x_test = rng.standard_normal((5, 4))
+    y_test = rng.integers(0, 3, size=5)
+    single = mlp()
+    with strategy.scope():
+        mirrored = mlp()
+    mirrored.set_weights(single.get_weights())
+    options = dict(damping=0.5, l2=0.01, batch_size=10)
+    op = tfi.HessianOperator(mirrored, sce, (x, y, w), strategy=strategy, **options)
+    v = rng.standard_normal((3, op.space.size))
+    b = rng.standard_normal((2, op.space.size))
+    result = {"replicas": strategy.num_replicas_in_sync,
+              "hvp": op.apply(v).numpy(),
+              "cg": tfi.solvers.cg(op, b, tol=1e-12, maxiter=500)[0].numpy()}
+    inf = tfi.Influence(mirrored, sce, (x, y, w), method="cg", tol=1e-12, maxiter=500, progress=False,
+                        strategy=strategy, **options)
+    result["scores"] = inf.scores((x_test, y_test))
+    # Single-device reference in the same process: a model built outside every scope, no strategy.
+    ref = tfi.HessianOperator(single, sce, (x, y, w), **options)
+    result["hvp_ref"] = ref.apply(v).numpy()
+    result["cg_ref"] = tfi.solvers.cg(ref, b, tol=1e-12, maxiter=500)[0].numpy()
+    result["scores_ref"] = tfi.Influence(single, sce, (x, y, w), method="cg", tol=1e-12, maxiter=500,
+                                         progress=False, **options).scores((x_test, y_test))
+    np.savez(out_path, **result)
+    print("WORKER DONE", index)
+""")
+
+
+def _free_ports(k):
+    import socket
+    sockets = [socket.socket() for _ in range(k)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def multi_worker_results(tmp_path_factory):
+    import numpy as np
+    root = tmp_path_factory.mktemp("mwms")
+    ports = ",".join(str(p) for p in _free_ports(2))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    env.pop("TF_CONFIG", None)
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(i), ports, str(root / f"worker{i}.npz")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(2)]
+    logs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=240)
+            logs.append(f"rc={proc.returncode}\n{out[-2000:]}\n{err[-6000:]}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert all(p.returncode == 0 for p in procs), "\n----\n".join(logs)
+    return [dict(np.load(root / f"worker{i}.npz")) for i in range(2)]
+
+
+def _rel(a, b):
+    import numpy as np
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_multi_worker_equals_single_device(multi_worker_results):
+    differences = {}
+    for i, result in enumerate(multi_worker_results):
+        assert int(result["replicas"]) == 2
+        for key in ("hvp", "cg", "scores"):
+            differences[f"worker{i}_{key}"] = _rel(result[key], result[f"{key}_ref"])
+    print(differences)
+    assert max(differences.values()) <= TOL, differences
+    # Both workers hold the same reduced result.
+    assert _rel(multi_worker_results[0]["hvp"], multi_worker_results[1]["hvp"]) <= TOL

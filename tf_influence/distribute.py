@@ -169,6 +169,7 @@ def gather_batch(tensor):
     replica's shard (in replica order, i.e. the batch's order) and this replica's rows in it."""
     context = tf.distribute.get_replica_context()
     whole = context.all_gather(tensor, axis=0)
+    whole = tf.ensure_shape(whole, [None] + tensor.shape[1:])  # all_gather drops the static feature dims
     start, stop = shard_bounds(tf.shape(whole)[0], context.replica_id_in_sync_group,
                                context.num_replicas_in_sync)
     return whole, start, stop
