@@ -15,17 +15,8 @@ import pytest
 
 TOL = 1e-10
 
-SCRIPT = textwrap.dedent(r"""
-    import json, sys
-    import numpy as np
-    import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    import keras
-    keras.config.set_floatx("float64")
-    import tf_influence as tfi
-    keras.utils.set_random_seed(0)
-
+# The model, loss and data of both tests (every process and worker builds the same).
+COMMON = textwrap.dedent(r"""
     def rel(a, b):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
@@ -47,6 +38,19 @@ SCRIPT = textwrap.dedent(r"""
     w = rng.uniform(0.5, 2.0, size=n)       # sample weights: exact weighted means required
     x_test = rng.standard_normal((5, 4))
     y_test = rng.integers(0, 3, size=5)
+""")
+
+SCRIPT = textwrap.dedent(r"""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    keras.config.set_floatx("float64")
+    import tf_influence as tfi
+    keras.utils.set_random_seed(0)
+""") + COMMON + textwrap.dedent(r"""
 
     single = mlp()
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -187,24 +191,8 @@ WORKER = textwrap.dedent(r"""
         communication_options=tf.distribute.experimental.CommunicationOptions(
             implementation=tf.distribute.experimental.CommunicationImplementation.RING))
     keras.utils.set_random_seed(0)
-
-    def mlp():
-        return keras.Sequential([
-            keras.Input((4,)),
-            keras.layers.Dense(6, activation="tanh", name="hidden"),
-            keras.layers.Dense(3, name="head"),
-        ])
-
-    def sce(y, logits):
-        return keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-
-    rng = np.random.default_rng(0)               # every worker holds the same data
-    n = 37
-    x = rng.standard_normal((n, 4))
-    y = rng.integers(0, 3, size=n)
-    w = rng.uniform(0.5, 2.0, size=n)
-    x_test = rng.standard_normal((5, 4))
-    y_test = rng.integers(0, 3, size=5)
+""") + COMMON + textwrap.dedent(r"""
+    # Every worker holds the same data (COMMON) and computes only its replica's shard of each batch.
     single = mlp()
     with strategy.scope():
         mirrored = mlp()
