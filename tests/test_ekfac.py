@@ -336,10 +336,14 @@ def _digits_classifier(kind, *, scale=16.0, n_train=300, n_test=10):
     if kind == "mlp":
         model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(12, activation="tanh"),
                                   keras.layers.Dense(10)])
-    else:
+    elif kind == "cnn":
         images = images.reshape(-1, 8, 8, 1)
         model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="tanh"),
                                   keras.layers.AveragePooling2D(2), keras.layers.Flatten(), keras.layers.Dense(10)])
+    else:  # "cnn_no_pooling": the conv feature map feeds the classifier directly
+        images = images.reshape(-1, 8, 8, 1)
+        model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="tanh"),
+                                  keras.layers.Flatten(), keras.layers.Dense(10)])
     model.compile(keras.optimizers.Adam(0.01), CE_LOGITS)
     model.fit(images[:n_train], labels[:n_train], epochs=30, batch_size=32, shuffle=False, verbose=0)
     train = (images[:n_train], labels[:n_train])
@@ -378,9 +382,15 @@ def _pearson(kind, method, **options):
     return float(np.corrcoef(scores.ravel(), _direct_scores(kind).ravel())[0, 1])
 
 
-_CNN_MISS = ("issue 5 asks for Pearson >= 0.95; measured on this CNN at damping 0.1 (300 digits, 30 epochs): "
-             "{}. Even the exact layer-block-diagonal Gauss-Newton is below 1 here, and the KFC eigenbasis "
-             "of the conv layer loses more. Not reached: reported, threshold kept.")
+# The pooled CNN misses 0.95. The exact layer-block-diagonal Gauss-Newton reaches 0.973 on it, and
+# Λ* equals the exact diagonal in the KFC eigenbasis (test above), so the loss is KFC's assumption
+# that a conv layer's activations and output gradients are independent across positions: average
+# pooling gives the 4 positions of each window the same output gradient. Without pooling the same
+# conv layer passes (0.989 / 0.975). Other pooled variants measured: 8 ReLU filters + max pooling
+# 0.946 (ggn) / 0.884 (true); 8 tanh filters + average pooling 0.898 / 0.899.
+_CNN_MISS = ("issue 5 asks for Pearson >= 0.95; measured on this pooled CNN at damping 0.1 (300 digits, 30 "
+             "epochs): {}. The exact layer-block-diagonal Gauss-Newton reaches 0.973; KFC's spatial "
+             "independence assumption (broken by pooling) loses the rest. Not reached: reported, threshold kept.")
 
 
 @pytest.mark.parametrize("kind,fisher", [
@@ -388,6 +398,8 @@ _CNN_MISS = ("issue 5 asks for Pearson >= 0.95; measured on this CNN at damping 
     ("mlp", "true"),
     pytest.param("cnn", "ggn", marks=pytest.mark.xfail(strict=True, reason=_CNN_MISS.format("0.849"))),
     pytest.param("cnn", "true", marks=pytest.mark.xfail(strict=True, reason=_CNN_MISS.format("0.877"))),
+    ("cnn_no_pooling", "ggn"),
+    ("cnn_no_pooling", "true"),
 ])
 def test_influence_scores_match_direct_gauss_newton(float64, kind, fisher):
     """tfi.Influence(method="ekfac") vs method="direct", same variables, damping and curvature."""
