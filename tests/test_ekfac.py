@@ -294,12 +294,60 @@ def test_conv_layer_kfc_factors_and_ekfac_by_brute_force(float64, rng, padding, 
                                atol=1e-13 * np.abs(kfac[block, block]).max())
 
 
-def test_conv_ekfac_eigenvalues_are_the_exact_gauss_newton_diagonal_in_the_kfc_basis(float64, rng):
+def test_conv_reduce_factors_by_brute_force(float64, rng):
+    """weight_sharing="reduce" (Eschenhagen et al. 2023): A = Σ_i w_i ā_i ā_iᵀ / W with ā_i = Σ_t a_t / T,
+    S = Σ_i w_i ĝ_i ĝ_iᵀ / W with ĝ_i = Σ_t g_t; Λ* is still the per-example statistic in that basis."""
+    model = _tiny_cnn("valid", 1)
+    n = 13
+    x, y = rng.standard_normal((n, 5, 4, 2)), rng.integers(0, 3, n)
+    w = rng.uniform(0.5, 2.0, n)
+    objective = tfi.Objective(model, CE_LOGITS)
+    factors = fit_factors(objective, (x, y, w), method="ekfac", fisher="empirical", weight_sharing="reduce",
+                          batch_size=5)
+    assert factors.settings.weight_sharing == "reduce"
+    conv = factors.layers[0]
+    a, g = _conv_rows_by_hand(model, objective, x, y, "valid", 1)
+    a_mean, g_sum = a.mean(axis=1), g.sum(axis=1)
+    a_expected = np.einsum("n,nk,nl->kl", w, a_mean, a_mean) / w.sum()
+    s_expected = np.einsum("n,nk,nl->kl", w, g_sum, g_sum) / w.sum()
+    for q, e, expected in ((conv.q_a, conv.eig_a, a_expected), (conv.q_s, conv.eig_s, s_expected)):
+        q, e = q.numpy(), e.numpy()
+        np.testing.assert_allclose(q @ np.diag(e) @ q.T, expected, rtol=1e-10, atol=1e-13 * np.abs(expected).max())
+    per_example = np.einsum("ntk,ntl->nkl", a, g)
+    projected = np.einsum("ka,nkl,lb->nab", conv.q_a.numpy(), per_example, conv.q_s.numpy())
+    corrected = np.einsum("n,nab->ab", w, projected ** 2) / w.sum()
+    np.testing.assert_allclose(conv.corrected.numpy(), corrected, rtol=1e-10, atol=1e-14 * corrected.max())
+    # The dense head (one position) is factored the same way under both settings.
+    head = _layer_slices(model)[1]
+    kfac = {sharing: _dense_curvature(fit_factors(objective, (x, y, w), method="kfac", fisher="empirical",
+                                                  weight_sharing=sharing, batch_size=5))[head, head]
+            for sharing in ("expand", "reduce")}
+    np.testing.assert_allclose(kfac["reduce"], kfac["expand"], rtol=1e-12)
+
+
+def test_kfac_reduce_is_exact_for_a_linear_convolution_with_global_average_pooling_and_mse(float64, rng):
+    """Positions averaged before an MSE loss: G = (2/m) Σ_i ā_i ā_iᵀ ⊗ I exactly, which is the reduce
+    A ⊗ S; expand (positions as examples) is not exact here."""
+    model = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.Conv2D(3, (2, 2)),
+                              keras.layers.GlobalAveragePooling2D()])
+    x, y = rng.standard_normal((11, 4, 4, 2)), rng.standard_normal((11, 3))
+    exact = tfi.HessianOperator(model, "mse", (x, y), curvature="gauss_newton").to_dense().numpy()
+    errors = {}
+    for sharing in ("reduce", "expand"):
+        approx = _dense_curvature(fit_factors(tfi.Objective(model, "mse"), (x, y), method="kfac", fisher="ggn",
+                                              weight_sharing=sharing, batch_size=4))
+        errors[sharing] = relative_error(approx, exact)
+    assert errors["reduce"] < 1e-12 and errors["expand"] > 0.1, errors
+
+
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
+def test_conv_ekfac_eigenvalues_are_the_exact_gauss_newton_diagonal_in_the_kfc_basis(float64, rng, weight_sharing):
     """fisher="ggn": Λ* equals diag((Q_A ⊗ Q_S)ᵀ G (Q_A ⊗ Q_S)) for G the conv layer's block of the
-    project's exact Gauss-Newton matrix (which couples all positions of an example)."""
+    project's exact Gauss-Newton matrix (which couples all positions of an example), in either basis."""
     model = _tiny_cnn("same", 1)
     x, y = rng.standard_normal((12, 5, 4, 2)), rng.integers(0, 3, 12)
-    factors = fit_factors(tfi.Objective(model, CE_LOGITS), (x, y), method="ekfac", fisher="ggn", batch_size=5)
+    factors = fit_factors(tfi.Objective(model, CE_LOGITS), (x, y), method="ekfac", fisher="ggn", batch_size=5,
+                          weight_sharing=weight_sharing)
     exact = tfi.HessianOperator(model, CE_LOGITS, (x, y), curvature="gauss_newton").to_dense().numpy()
     block = _layer_slices(model)[0]
     conv = factors.layers[0]
@@ -382,15 +430,19 @@ def _pearson(kind, method, **options):
     return float(np.corrcoef(scores.ravel(), _direct_scores(kind).ravel())[0, 1])
 
 
-# The pooled CNN misses 0.95. The exact layer-block-diagonal Gauss-Newton reaches 0.973 on it, and
-# Λ* equals the exact diagonal in the KFC eigenbasis (test above), so the loss is KFC's assumption
-# that a conv layer's activations and output gradients are independent across positions: average
-# pooling gives the 4 positions of each window the same output gradient. Without pooling the same
-# conv layer passes (0.989 / 0.975). Other pooled variants measured: 8 ReLU filters + max pooling
-# 0.946 (ggn) / 0.884 (true); 8 tanh filters + average pooling 0.898 / 0.899.
+# The pooled CNN misses 0.95, and the loss is the conv layer's Kronecker eigenbasis: the exact
+# layer-block-diagonal Gauss-Newton reaches 0.973, the exact conv block with the dense layer's EKFAC
+# 0.958, and Λ* equals the exact diagonal in the KFC basis (test above). Even the eigenbasis of the
+# nearest Kronecker product to the exact conv block (Van Loan-Pitsianis), with its exact diagonal and
+# the dense block exact, reaches only 0.930 (measured, not pinned by a test). Average pooling gives
+# the 4 positions of each window one output gradient, against KFC's independence across positions;
+# weight_sharing="reduce" fits better: 0.902 (ggn, checked below) / 0.921 (true). Without pooling the
+# same conv layer passes (0.989 / 0.975). Other pooled variants measured (expand): 8 ReLU filters +
+# max pooling 0.946 (ggn) / 0.884 (true); 8 tanh filters + average pooling 0.898 / 0.899.
 _CNN_MISS = ("issue 5 asks for Pearson >= 0.95; measured on this pooled CNN at damping 0.1 (300 digits, 30 "
-             "epochs): {}. The exact layer-block-diagonal Gauss-Newton reaches 0.973; KFC's spatial "
-             "independence assumption (broken by pooling) loses the rest. Not reached: reported, threshold kept.")
+             "epochs): {}. The exact layer-block-diagonal Gauss-Newton reaches 0.973, the eigenbasis of the "
+             "nearest Kronecker product to the conv block 0.930: pooling breaks the conv layer's Kronecker "
+             "structure. Not reached: reported, threshold kept.")
 
 
 @pytest.mark.parametrize("kind,fisher", [
@@ -409,12 +461,15 @@ def test_influence_scores_match_direct_gauss_newton(float64, kind, fisher):
     assert pearson >= 0.95
 
 
-def test_ekfac_scores_beat_kfac_on_cnn(float64):
-    """Where the Kronecker eigenbasis is poor (the conv layer), EKFAC's eigenvalue correction helps:
-    measured Pearson 0.849 (EKFAC) vs 0.785 (KFAC) against the direct solve."""
-    pearson = {method: _pearson("cnn", method, fisher="ggn") for method in ("ekfac", "kfac")}
+def test_ekfac_beats_kfac_and_reduce_beats_expand_on_the_pooled_cnn(float64):
+    """Where the Kronecker eigenbasis is poor (the pooled conv layer): EKFAC's eigenvalue correction
+    helps (measured Pearson 0.849 EKFAC vs 0.785 KFAC against the direct solve), and so does the
+    reduce basis (0.902 vs 0.849)."""
+    pearson = {(method, sharing): _pearson("cnn", method, fisher="ggn", weight_sharing=sharing)
+               for method, sharing in (("ekfac", "expand"), ("kfac", "expand"), ("ekfac", "reduce"))}
     _log.info("cnn: Pearson vs direct damped Gauss-Newton: %s", pearson)
-    assert pearson["ekfac"] > pearson["kfac"]
+    assert pearson["ekfac", "expand"] > pearson["kfac", "expand"]
+    assert pearson["ekfac", "reduce"] > pearson["ekfac", "expand"] + 0.02
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
@@ -510,10 +565,10 @@ def test_method_object_caches_factors_and_reports_diagnostics(float64, rng):
 def test_save_and_load_round_trip_and_refusals(float64, rng, tmp_path):
     model = _mlp()
     x, y = rng.standard_normal((20, 4)), rng.integers(0, 3, 20)
-    factors = fit_factors(tfi.Objective(model, CE_LOGITS), (x, y), fisher="ggn")
+    factors = fit_factors(tfi.Objective(model, CE_LOGITS), (x, y), fisher="ggn", weight_sharing="reduce")
     save_factors(factors, tmp_path / "f", damping=0.01)
     loaded, damping = load_factors(tmp_path / "f", model)
-    assert damping == 0.01 and loaded.settings == factors.settings
+    assert damping == 0.01 and loaded.settings == factors.settings and loaded.settings.weight_sharing == "reduce"
     np.testing.assert_array_equal(EKFACOperator(loaded, damping=damping).to_dense().numpy(),
                                   EKFACOperator(factors, damping=damping).to_dense().numpy())
     with pytest.raises(tfi.InputError, match=r"fitted for variables \[.*head/bias', \[3\]\)\], but this .* give \[.*hidden/bias', \[5\]\)\]\. Pass the same"):
@@ -570,6 +625,7 @@ def test_nan_gradients_are_reported(float64, rng):
     (dict(fisher="exact"), r"fisher must be one of .*Received: fisher='exact'"),
     (dict(num_samples=0), r"num_samples must be a positive integer. Received: num_samples=0"),
     (dict(dtype="float16"), r"dtype must be 'float64' or 'float32'. Received: dtype='float16'"),
+    (dict(weight_sharing="sum"), r"weight_sharing must be one of \('expand', 'reduce'\). Received: weight_sharing='sum'"),
 ])
 def test_bad_settings(float64, rng, options, message):
     model = _mlp()

@@ -9,7 +9,16 @@ weights and `W = Σ w_i` (the normalisation of `HessianOperator`'s mean objectiv
     KFAC:  C ≈ A ⊗ S, eigenvalues λ_A ⊗ λ_S in the basis Q_A ⊗ Q_S
     EKFAC: eigenvalues Λ* = Σ_i w_i (Q_Aᵀ G_i Q_S)² / W                     (second pass)
 
-(T = positions: 1 for Dense on vectors, output pixels for a convolution, KFC.) `g` comes from the
+(T = positions: 1 for Dense on vectors, output pixels for a convolution, KFC.) That is the
+"expand" treatment of a layer whose weights are shared over T > 1 positions (Eschenhagen et al.
+2023, "Kronecker-Factored Approximate Curvature for Modern Neural Network Architectures"); the
+"reduce" treatment sums over positions first (ā_i = Σ_t a_t / T, ĝ_i = Σ_t g_t):
+
+    A = Σ_i w_i ā_i ā_iᵀ / W                S = Σ_i w_i ĝ_i ĝ_iᵀ / W
+
+It is exact where the positions are averaged before a loss with constant output Hessian (a linear
+convolution, global average pooling, MSE) and can be the better basis when pooling follows a
+convolution (tests/test_ekfac.py: Pearson with the direct solve 0.902 vs 0.849 on a pooled CNN). Embedding layers always use "expand" (their A stays diagonal). `g` comes from the
 output-space targets of `targets.py`: sampled labels (true Fisher, default), true labels (empirical
 Fisher) or the exact output Hessian (GGN). With a single example and T = 1, KFAC is exactly the
 layer's block of that curvature.
@@ -36,6 +45,7 @@ from tf_influence.params import ParameterSpace, select_variables
 _log = logging.getLogger(__name__)
 
 METHODS = ("ekfac", "kfac")
+WEIGHT_SHARING = ("expand", "reduce")
 _ZERO = tf.UnconnectedGradients.ZERO
 
 
@@ -50,6 +60,8 @@ class FactorSettings:
       num_samples: sampled labels per example for fisher="true".
       seed: seed of the label sampling (the same labels in both passes).
       dtype: accumulation and factor dtype, "float64" (default) or "float32".
+      weight_sharing: for layers applied at T > 1 positions (Conv, Dense on sequences), "expand"
+        (positions as extra examples, KFC; default) or "reduce" (positions summed first).
     """
 
     method: str = "ekfac"
@@ -57,6 +69,7 @@ class FactorSettings:
     num_samples: int = 1
     seed: int = 0
     dtype: str = "float64"
+    weight_sharing: str = "expand"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -70,6 +83,12 @@ class FactorSettings:
             raise InputError(f"seed must be an integer. Received: seed={self.seed!r}.")
         if self.dtype not in ("float64", "float32"):
             raise InputError(f"dtype must be 'float64' or 'float32'. Received: dtype={self.dtype!r}.")
+        check_weight_sharing(self.weight_sharing)
+
+
+def check_weight_sharing(value):
+    if value not in WEIGHT_SHARING:
+        raise InputError(f"weight_sharing must be one of {WEIGHT_SHARING}. Received: weight_sharing={value!r}.")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -142,7 +161,7 @@ class Factors:
 
 
 def fit_factors(objective, data, variables=None, *, method="ekfac", fisher="true", num_samples=1,
-                seed=0, dtype="float64", batch_size=None, strategy=None):
+                seed=0, dtype="float64", weight_sharing="expand", batch_size=None, strategy=None):
     """Fits KFAC or EKFAC factors with one (KFAC) or two (EKFAC) passes over the data.
 
     Args:
@@ -155,6 +174,8 @@ def fit_factors(objective, data, variables=None, *, method="ekfac", fisher="true
       num_samples: label samples per example for fisher="true".
       seed: sampling seed.
       dtype: accumulation dtype, "float64" or "float32".
+      weight_sharing: "expand" (KFC, default) or "reduce", for layers with T > 1 positions
+        (see `FactorSettings`).
       batch_size: batch size when `data` holds arrays.
       strategy: a `tf.distribute.Strategy` to split every batch across its replicas (statistics
         summed across replicas; sampled labels drawn for the whole batch, so the factors equal
@@ -173,7 +194,8 @@ def fit_factors(objective, data, variables=None, *, method="ekfac", fisher="true
       >>> factors = fit_factors(objective, (x, y), method="ekfac", seed=0)
       >>> inverse = EKFACOperator(factors, damping=1e-3).inverse()
     """
-    settings = FactorSettings(method=method, fisher=fisher, num_samples=num_samples, seed=seed, dtype=dtype)
+    settings = FactorSettings(method=method, fisher=fisher, num_samples=num_samples, seed=seed, dtype=dtype,
+                              weight_sharing=weight_sharing)
     if not isinstance(objective, Objective):
         raise InputError(f"objective must be a tf_influence Objective. Received: {type(objective).__name__}.")
     model = objective.model
@@ -256,6 +278,10 @@ class _Fitter:
                     tf.reshape(tf.tile(w[:, tf.newaxis], [1, tf.shape(a)[1]]), [-1]),
                     tf.reshape(a, [-1]), block.in_features)
                 a_sum = counts / positions
+            elif self.settings.weight_sharing == "reduce":
+                a = tf.reduce_mean(a, axis=1, keepdims=True)
+                gs = [(tf.reduce_sum(g, axis=1, keepdims=True), c) for g, c in gs]
+                a_sum = tf.einsum("n,ntk,ntl->kl", w, a, a)
             else:
                 a_sum = tf.einsum("n,ntk,ntl->kl", w, a, a) / positions
             s_sum = tf.add_n([tf.einsum("n,ntk,ntl->kl", w * c, g, g) for g, c in gs])

@@ -26,7 +26,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from tf_influence.curvature.factors import Factors, fit_factors
+from tf_influence.curvature.factors import Factors, check_weight_sharing, fit_factors
 from tf_influence.curvature.operator import EKFACOperator
 from tf_influence.curvature.scores import ekfac_scores
 from tf_influence.curvature.storage import model_fingerprint
@@ -45,6 +45,8 @@ class EKFAC:
       num_samples: sampled labels per example (fisher="true").
       seed: sampling seed.
       dtype: factor dtype, "float64" (default) or "float32".
+      weight_sharing: "expand" (KFC, default) or "reduce": how layers applied at several positions
+        (Conv2D, Dense on sequences) are factored; "reduce" can fit better when pooling follows.
       factors: precomputed `Factors` to use instead of fitting (they must match the operator's
         model and variables).
       residual_rows: how many right-hand sides to check against the exact operator (0: none; the
@@ -60,6 +62,7 @@ class EKFAC:
     num_samples: int = 1
     seed: int = 0
     dtype: str = "float64"
+    weight_sharing: str = "expand"
     factors: Factors = None
     residual_rows: int = 8
     name: typing.ClassVar[str] = "ekfac"
@@ -68,6 +71,7 @@ class EKFAC:
     def __post_init__(self):
         if not isinstance(self.residual_rows, (int, np.integer)) or self.residual_rows < 0:
             raise InputError(f"residual_rows must be an integer ≥ 0. Received: {self.residual_rows!r}.")
+        check_weight_sharing(self.weight_sharing)
         if self.factors is not None and self.factors.method != self.name:
             raise InputError(
                 f"{type(self).__name__} received factors fitted with method={self.factors.method!r}; "
@@ -85,13 +89,13 @@ class EKFAC:
             return self.factors
         # Keyed by the settings too: make_solver(EKFAC(...), **options) copies this dict to the new object.
         key = (id(operator), model_fingerprint(operator.model), self.name, self.fisher, self.num_samples,
-               self.seed, self.dtype)
+               self.seed, self.dtype, self.weight_sharing)
         if key not in self._cache:
             self._cache.clear()
             self._cache[key] = fit_factors(
                 operator.objective, operator.dataset, operator.selected_variables, method=self.name,
                 fisher=self.fisher, num_samples=self.num_samples, seed=self.seed, dtype=self.dtype,
-                strategy=getattr(operator, "strategy", None))
+                weight_sharing=self.weight_sharing, strategy=getattr(operator, "strategy", None))
         return self._cache[key]
 
     def inverse_operator(self, operator):
