@@ -92,6 +92,33 @@ def test_scores_on_a_variable_subset(float64, rng):
     assert relative_error(inf.scores(test), expected) <= 1e-8
 
 
+def _max_pooling_cnn(dtype):
+    return keras.Sequential([keras.Input((6, 6, 1)),
+                             keras.layers.Conv2D(2, 3, activation="tanh", dtype=dtype),
+                             keras.layers.MaxPooling2D(2, dtype=dtype), keras.layers.Flatten(dtype=dtype),
+                             keras.layers.Dense(3, dtype=dtype)])
+
+
+def test_jit_compile_through_max_pooling_gives_the_same_scores(rng):
+    # float32: XLA on CPU has no float64 kernel for the second derivative of max pooling.
+    model = _max_pooling_cnn("float32")
+    x = rng.standard_normal((30, 6, 6, 1)).astype("float32")
+    y = rng.integers(0, 3, size=30)
+    train, test = (x[:24], y[:24]), (x[24:], y[24:])
+    options = dict(method="direct", damping=5.0, batch_size=8, progress=False)
+    plain = tfi.Influence(model, sce, train, **options).scores(test)
+    xla = tfi.Influence(model, sce, train, jit_compile=True, **options)
+    assert xla.operator.jit_compile
+    assert relative_error(xla.scores(test), plain) <= 1e-5
+
+
+def test_jit_compile_refuses_an_op_xla_cannot_compile(float64, rng):
+    model = _max_pooling_cnn("float64")
+    x, y = rng.standard_normal((8, 6, 6, 1)), rng.integers(0, 3, size=8)
+    with pytest.raises(tfi.InputError, match="XLA cannot compile.*MaxPoolGradGrad.*jit_compile=False"):
+        tfi.Influence(model, sce, (x, y), jit_compile=True, progress=False)
+
+
 def test_top_k_orders_scores(float64, rng):
     model = models.mlp()
     x, y = models.classification_data(rng, n=40)

@@ -64,6 +64,8 @@ class Influence:
       strategy: a `tf.distribute.Strategy` that every data pass (curvature products, gradients,
         scores) splits its batches across, or None for the strategy whose `scope()` is active
         (single device outside every scope). Results equal the single-device ones.
+      jit_compile: compile each batch's curvature product with XLA (see `HessianOperator`);
+        on CPU this roughly halves the product time of CNNs with max pooling.
       **method_options: options of the method (e.g. `tol`, `maxiter` for CG).
 
     Example:
@@ -76,11 +78,12 @@ class Influence:
 
     def __init__(self, model, loss, train, *, variables=None, method="cg", damping=0.0, l2=0.0,
                  curvature="hessian", batch_size=None, mode="forward_over_back", training=False,
-                 progress=True, strategy=None, **method_options):
+                 progress=True, strategy=None, jit_compile=False, **method_options):
         self.solver = make_solver(method, **method_options)
         self.operator = HessianOperator(model, loss, train, variables, damping=damping, l2=l2,
                                         curvature=curvature, mode=mode, batch_size=batch_size,
-                                        training=training, strategy=strategy)
+                                        training=training, strategy=strategy,
+                                        jit_compile=jit_compile)
         self.model = model
         self.objective = self.operator.objective
         self.space = self.operator.space
