@@ -128,6 +128,30 @@ def test_layer_normalization_trap_is_caught(float64, rng):
         tfi.HessianOperator(model, sce, (x, y), on_unsafe_layers="warn")
 
 
+def _relu_mlp():
+    return keras.Sequential([keras.Input((20,)), keras.layers.Dense(64, activation="relu"),
+                             keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10)])
+
+
+def test_check_hvp_is_not_fooled_by_relu_kinks(float64, rng):
+    model = _relu_mlp()
+    x, y = rng.standard_normal((256, 20)), rng.integers(0, 10, size=256)
+    # A central difference with step 1e-3 crosses ReLU kinks and is far off ...
+    first_step_only = tfi.check_hvp(model, sce, (x, y), step=1e-3, max_step_reductions=0)
+    assert first_step_only.ok is None and first_step_only.max_relative_error > 1
+    # ... smaller steps settle on the product, which is right.
+    report = tfi.check_hvp(model, sce, (x, y), step=1e-3)
+    assert all(report.settled) and report.ok and report.max_relative_error <= 1e-6
+
+
+def test_check_hvp_on_relu_in_float32_is_inconclusive_not_wrong(rng):
+    model = _relu_mlp()
+    x, y = rng.standard_normal((256, 20)).astype("float32"), rng.integers(0, 10, size=256)
+    report = tfi.check_hvp(model, sce, (x, y))
+    assert report.ok is None and not all(report.settled)
+    assert "INCONCLUSIVE" in str(report) and "float64 copy" in str(report)
+
+
 def test_batch_norm_in_inference_mode_is_fine(float64, rng):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, activation="tanh"),
                               keras.layers.BatchNormalization(), keras.layers.Dense(3)])

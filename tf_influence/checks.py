@@ -10,11 +10,17 @@ from tf_influence.operators import HessianOperator
 
 @dataclasses.dataclass(frozen=True)
 class HVPCheck:
-    """Relative errors ‖Hv − H_fd v‖ / ‖H_fd v‖ for random unit vectors v."""
+    """Relative errors ‖Hv − H_fd v‖ / ‖H_fd v‖ for random unit vectors v.
+
+    `settled[j]` says whether the finite-difference reference for vector j held across two step
+    sizes. `ok` is True or False when every reference settled, and None (inconclusive) otherwise:
+    then finite differences cannot judge the product (see `check_hvp`).
+    """
 
     mode: str
     relative_errors: tuple
     tolerance: float
+    settled: tuple = ()
 
     @property
     def max_relative_error(self):
@@ -22,20 +28,38 @@ class HVPCheck:
 
     @property
     def ok(self):
+        if not all(self.settled):
+            return None
         return self.max_relative_error <= self.tolerance
 
     def __str__(self):
-        verdict = "OK" if self.ok else "WRONG"
-        return (f"{self.mode}: max relative error vs finite differences {self.max_relative_error:.2e} "
-                f"(tolerance {self.tolerance:.0e}) -> {verdict}")
+        line = (f"{self.mode}: max relative error vs finite differences {self.max_relative_error:.2e} "
+                f"(tolerance {self.tolerance:.0e}) -> ")
+        if self.ok is None:
+            return line + (
+                "INCONCLUSIVE: the finite differences changed with the step size. Steps that cross "
+                "kinks (ReLU, max pooling) add spurious terms, and in float32 no step is both small "
+                "enough to avoid them and large enough to beat rounding. Check a float64 copy of "
+                "the model.")
+        return line + ("OK" if self.ok else "WRONG")
 
 
 def check_hvp(model, loss=None, data=None, variables=None, *, mode="forward_over_back",
-              num_vectors=3, seed=0, step=None, tolerance=None, **operator_options):
+              num_vectors=3, seed=0, step=None, tolerance=None, max_step_reductions=None,
+              **operator_options):
     """Compares `mode`'s Hessian-vector products with central finite differences.
 
     Finite differences use only first derivatives, so they stay right where TensorFlow's second
     derivatives are wrong (e.g. through LayerNormalization); a large error flags such a case.
+    A step that crosses a kink of the loss (a ReLU or max-pooling switch) adds a term of order
+    1/step that the Hessian rightly lacks, so the reference is taken at steps r, r/4, r/16, …
+    until two successive estimates agree to `tolerance / 4`. Where none agree (typical for ReLU
+    or max-pooling models in float32), the check is inconclusive rather than a false alarm; run it
+    on a float64 copy of the model instead:
+
+      >>> copy = keras.models.clone_model(model, clone_function=lambda layer: layer.__class__
+      ...     .from_config({**layer.get_config(), "dtype": "float64"}))
+      >>> copy.set_weights(model.get_weights())
 
     Args:
       model: a Keras model, or a `HessianOperator` (then `loss`, `data`, `variables` are unused).
@@ -43,8 +67,10 @@ def check_hvp(model, loss=None, data=None, variables=None, *, mode="forward_over
       mode: the HVP mode under test.
       num_vectors: number of random test vectors.
       seed: seed for the test vectors.
-      step: finite-difference step (default scales with ε^(1/3)).
+      step: first finite-difference step r (default `ε^(1/3)·(1 + ‖θ‖)`).
       tolerance: error above which `ok` is False (default 1e-4 in float64, 1e-2 in float32).
+      max_step_reductions: how many times the step may be divided by 4 (default 8 in float64,
+        3 in float32, where rounding soon dominates).
       **operator_options: more `HessianOperator` options (l2, batch_size, curvature, ...).
 
     Returns:
@@ -59,14 +85,40 @@ def check_hvp(model, loss=None, data=None, variables=None, *, mode="forward_over
     else:
         op = HessianOperator(model, loss, data, variables, mode=mode, on_unsafe_layers="ignore",
                              **operator_options)
-    reference = op.with_options(mode="finite_difference", step=step)
+    float64 = op.dtype == tf.float64
+    if tolerance is None:
+        tolerance = 1e-4 if float64 else 1e-2
+    if max_step_reductions is None:
+        max_step_reductions = 8 if float64 else 3
+    if step is None:
+        theta = op.space.flatten([tf.convert_to_tensor(v) for v in op.selected_variables])
+        step = np.finfo(op.dtype.as_numpy_dtype).eps ** (1 / 3) * (1 + float(tf.linalg.norm(theta)))
     rng = np.random.default_rng(seed)
     v = rng.standard_normal((num_vectors, op.space.size))
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     v = tf.constant(v, dtype=op.dtype)
     got = op.apply(v).numpy()
-    ref = reference.apply(v).numpy()
-    errors = tuple(float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-300)) for g, r in zip(got, ref))
-    if tolerance is None:
-        tolerance = 1e-4 if op.dtype == tf.float64 else 1e-2
-    return HVPCheck(mode=mode, relative_errors=errors, tolerance=tolerance)
+    reference, settled = _settled_finite_differences(op, v, step, tolerance / 4, max_step_reductions)
+    errors = tuple(float(_relative(g, r)) for g, r in zip(got, reference))
+    return HVPCheck(mode=mode, relative_errors=errors, tolerance=tolerance, settled=tuple(settled))
+
+
+def _settled_finite_differences(op, v, step, agreement, max_step_reductions):
+    """Per vector, the first finite difference that agrees with the one at 4x its step."""
+    previous = op.with_options(mode="finite_difference", step=step).apply(v).numpy()
+    reference = previous.copy()
+    settled = np.zeros(len(previous), dtype=bool)
+    for _ in range(max_step_reductions):
+        step /= 4
+        current = op.with_options(mode="finite_difference", step=step).apply(v).numpy()
+        for j in np.flatnonzero(~settled):
+            reference[j] = current[j]
+            settled[j] = _relative(previous[j], current[j]) <= agreement
+        if settled.all():
+            break
+        previous = current
+    return reference, settled.tolist()
+
+
+def _relative(a, b):
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
