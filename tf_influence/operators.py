@@ -111,7 +111,7 @@ class HessianOperator(tf.linalg.LinearOperator):
         if self.strategy is not None:
             self._data_pass = tf.function(self._distributed_data_pass_fn)
             self._gradient_pass = tf.function(self._distributed_gradient_pass_fn)
-        elif jit_compile:
+        elif jit_compile and not (mode == "finite_difference" and curvature == "hessian"):
             self._check_xla_compiles(first_batch(self.dataset, "data"))
         p = self.space.size
         self._pd_promise = is_positive_definite
