@@ -38,9 +38,9 @@ class HVPCheck:
         if self.ok is None:
             return line + (
                 "INCONCLUSIVE: the finite differences changed with the step size. Steps that cross "
-                "kinks (ReLU, max pooling) add spurious terms, and in float32 no step is both small "
-                "enough to avoid them and large enough to beat rounding. Check a float64 copy of "
-                "the model.")
+                "kinks (ReLU, max pooling) add spurious terms, and in float32 often no step is both "
+                "small enough to avoid them and large enough to beat rounding. Check a float64 copy "
+                "of the model (see check_hvp's docstring), or allow more max_step_reductions.")
         return line + ("OK" if self.ok else "WRONG")
 
 
@@ -70,7 +70,8 @@ def check_hvp(model, loss=None, data=None, variables=None, *, mode="forward_over
       step: first finite-difference step r (default `ε^(1/3)·(1 + ‖θ‖)`).
       tolerance: error above which `ok` is False (default 1e-4 in float64, 1e-2 in float32).
       max_step_reductions: how many times the step may be divided by 4 (default 8 in float64,
-        3 in float32, where rounding soon dominates).
+        3 in float32, where rounding soon dominates). With 0 nothing can settle: the verdict is
+        then always inconclusive.
       **operator_options: more `HessianOperator` options (l2, batch_size, curvature, ...).
 
     Returns:
