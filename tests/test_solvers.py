@@ -316,6 +316,8 @@ def test_lissa_rejects_bad_input(softmax_regression):
         lissa(op, np.ones(21), scale="big", batch_size=8, recursion_depth=10)
     with pytest.raises(tfi.InputError, match=r"batch_size=8 needs minibatch.*batch_size=None"):
         lissa(sh.dense_operator(np.eye(3)), np.ones(3), scale=1.0, batch_size=8, recursion_depth=10)
+    with pytest.raises(tfi.InputError, match=r"minibatches need per-batch curvature products.*finite_difference"):
+        lissa(op.with_options(mode="finite_difference"), np.ones(21), scale=1.0, batch_size=8, recursion_depth=10)
 
 
 def test_lissa_auto_scale(softmax_regression):

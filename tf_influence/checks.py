@@ -92,8 +92,7 @@ def check_hvp(model, loss=None, data=None, variables=None, *, mode="forward_over
     if max_step_reductions is None:
         max_step_reductions = 8 if float64 else 3
     if step is None:
-        theta = op.space.flatten([tf.convert_to_tensor(v) for v in op.selected_variables])
-        step = np.finfo(op.dtype.as_numpy_dtype).eps ** (1 / 3) * (1 + float(tf.linalg.norm(theta)))
+        step = op.default_step()
     rng = np.random.default_rng(seed)
     v = rng.standard_normal((num_vectors, op.space.size))
     v /= np.linalg.norm(v, axis=1, keepdims=True)
@@ -111,13 +110,13 @@ def _settled_finite_differences(op, v, step, agreement, max_step_reductions):
     settled = np.zeros(len(previous), dtype=bool)
     for _ in range(max_step_reductions):
         step /= 4
-        current = op.with_options(mode="finite_difference", step=step).apply(v).numpy()
-        for j in np.flatnonzero(~settled):
-            reference[j] = current[j]
-            settled[j] = _relative(previous[j], current[j]) <= agreement
+        pending = np.flatnonzero(~settled)  # settled vectors are not differenced again
+        current = op.with_options(mode="finite_difference", step=step).apply(tf.gather(v, pending)).numpy()
+        for row, j in enumerate(pending):
+            settled[j] = _relative(previous[j], current[row]) <= agreement
+        reference[pending] = previous[pending] = current
         if settled.all():
             break
-        previous = current
     return reference, settled.tolist()
 
 

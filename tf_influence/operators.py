@@ -111,7 +111,7 @@ class HessianOperator(tf.linalg.LinearOperator):
         if self.strategy is not None:
             self._data_pass = tf.function(self._distributed_data_pass_fn)
             self._gradient_pass = tf.function(self._distributed_gradient_pass_fn)
-        elif jit_compile and not (mode == "finite_difference" and curvature == "hessian"):
+        elif jit_compile and self.has_batch_products:
             self._check_xla_compiles(first_batch(self.dataset, "data"))
         p = self.space.size
         self._pd_promise = is_positive_definite
@@ -125,6 +125,16 @@ class HessianOperator(tf.linalg.LinearOperator):
             name=name,
             parameters=dict(damping=damping, curvature=curvature, mode=mode, l2=objective.l2, size=p),
         )
+
+    @property
+    def has_batch_products(self):
+        """False when products are finite differences, which move the variables over all the data."""
+        return not (self.mode == "finite_difference" and self.curvature == "hessian")
+
+    def default_step(self):
+        """The finite-difference step for a unit vector, `ε^(1/3)·(1 + ‖θ‖)` (divided by ‖v‖ otherwise)."""
+        theta = self.space.flatten([tf.convert_to_tensor(v) for v in self._tf_vars])
+        return np.finfo(self.space.dtype.as_numpy_dtype).eps ** (1 / 3) * (1 + float(tf.linalg.norm(theta)))
 
     # -- LinearOperator interface -------------------------------------------------------------
 
@@ -161,7 +171,7 @@ class HessianOperator(tf.linalg.LinearOperator):
     def apply(self, vectors):
         """`(H + λI) vᵀ` for each row of `vectors` `[k, p]`; returns `[k, p]`."""
         vectors = tf.convert_to_tensor(vectors, dtype=self.dtype)
-        if self.mode == "finite_difference" and self.curvature == "hessian":
+        if not self.has_batch_products:
             result = self._finite_difference(vectors)
         else:
             total, weight = self._data_pass(vectors)
@@ -190,7 +200,7 @@ class HessianOperator(tf.linalg.LinearOperator):
         `H̃` of `H` that stochastic solvers (LiSSA) use. Traceable inside `tf.function`; no NaN
         check and no damping (add `self.damping · v` yourself).
         """
-        if self.mode == "finite_difference" and self.curvature == "hessian":
+        if not self.has_batch_products:
             raise InputError(
                 "batch_apply has no finite-difference form (it moves the variables over the whole "
                 "data set). Use mode='forward_over_back' or 'back_over_back' for minibatch products."
@@ -296,8 +306,7 @@ class HessianOperator(tf.linalg.LinearOperator):
 
     def _finite_difference(self, vectors):
         originals = [tf.identity(v) for v in self._tf_vars]
-        eps = np.finfo(self.dtype.as_numpy_dtype).eps
-        theta_norm = float(tf.linalg.norm(self.space.flatten(originals)))
+        unit_step = self.default_step()
         rows = []
         try:
             for v in tf.unstack(vectors):
@@ -305,7 +314,7 @@ class HessianOperator(tf.linalg.LinearOperator):
                 if v_norm == 0:
                     rows.append(tf.zeros_like(v))
                     continue
-                r = self.step if self.step is not None else eps ** (1 / 3) * (1 + theta_norm) / v_norm
+                r = self.step if self.step is not None else unit_step / v_norm
                 delta = self.space.unflatten(r * v)
                 for var, orig, d in zip(self._tf_vars, originals, delta):
                     var.assign(orig + d)

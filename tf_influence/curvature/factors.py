@@ -18,7 +18,8 @@ weights and `W = Σ w_i` (the normalisation of `HessianOperator`'s mean objectiv
 
 It is exact where the positions are averaged before a loss with constant output Hessian (a linear
 convolution, global average pooling, MSE) and can be the better basis when pooling follows a
-convolution (tests/test_ekfac.py: Pearson with the direct solve 0.902 vs 0.849 on a pooled CNN). Embedding layers always use "expand" (their A stays diagonal). `g` comes from the
+convolution (tests/test_ekfac.py: Pearson with the direct solve 0.902 vs 0.849 on a pooled CNN).
+Embedding layers always use "expand" (their A stays diagonal). `g` comes from the
 output-space targets of `targets.py`: sampled labels (true Fisher, default), true labels (empirical
 Fisher) or the exact output Hessian (GGN). With a single example and T = 1, KFAC is exactly the
 layer's block of that curvature.
@@ -88,7 +89,8 @@ class FactorSettings:
 
 def check_weight_sharing(value):
     if value not in WEIGHT_SHARING:
-        raise InputError(f"weight_sharing must be one of {WEIGHT_SHARING}. Received: weight_sharing={value!r}.")
+        raise InputError(
+            f"weight_sharing must be one of {WEIGHT_SHARING}. Received: weight_sharing={value!r}.")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -96,7 +96,7 @@ def lissa(operator, b, *, scale, batch_size, recursion_depth, num_samples=1, see
                 f"{type(operator).__name__} does not provide (no .dataset/.batch_apply). Pass a "
                 "tfi.HessianOperator, or batch_size=None to use exact products of this operator."
             )
-        if getattr(operator, "mode", None) == "finite_difference" and getattr(operator, "curvature", None) == "hessian":
+        if not getattr(operator, "has_batch_products", True):
             raise InputError(
                 "lissa minibatches need per-batch curvature products, which mode='finite_difference' does "
                 "not have. Use operator.with_options(mode='forward_over_back'), or batch_size=None."
