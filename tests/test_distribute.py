@@ -66,16 +66,16 @@ SCRIPT = textwrap.dedent(r"""
     p = op1.space.size
     v = rng.standard_normal((3, p))
     out["matvec"] = rel(op2.matvec(tf.constant(v[0])), op1.matvec(tf.constant(v[0])))
-    out["apply_k3"] = rel(op2.apply(v), op1.apply(v))
+    out["apply_k3"] = rel(op2.matmul_rows(v), op1.matmul_rows(v))
 
-    out["operator_strategy"] = op2.strategy is strategy and op1.strategy is None
+    out["operator_strategy"] = op2.problem.strategy is strategy and op1.problem.strategy is None
     # Each batch really is split: replica shards of the first batch (10 rows) live on both devices.
     from tf_influence import distribute
-    first = next(iter(op2.dataset))
+    first = next(iter(op2.problem.dataset))
     shards = strategy.experimental_local_results(distribute.split_batch(strategy, first))
     out["shard_rows"] = [int(s[2].shape[0]) for s in shards]
     # ... and the compiled data pass places the curvature products on both devices.
-    graph_def = op2._data_pass.get_concrete_function(tf.TensorSpec([3, p], tf.float64)).graph.as_graph_def()
+    graph_def = op2.data_pass.get_concrete_function(tf.TensorSpec([3, p], tf.float64)).graph.as_graph_def()
     nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
     out["pass_devices"] = sorted({n.device.split("/")[-1] for n in nodes if n.device})
 
@@ -83,15 +83,15 @@ SCRIPT = textwrap.dedent(r"""
     op1b = tfi.HessianOperator(single, sce, (x, y, w), damping=0.5, l2=0.01, batch_size=12)
     op2b = tfi.HessianOperator(mirrored, sce, (x, y, w), damping=0.5, l2=0.01, batch_size=12,
                                strategy=strategy)
-    out["matvec_empty_shard"] = rel(op2b.apply(v), op1b.apply(v))
+    out["matvec_empty_shard"] = rel(op2b.matmul_rows(v), op1b.matmul_rows(v))
     out["gradient"] = rel(op2.gradient(), op1.gradient())
-    out["batch_apply"] = rel(op2.batch_apply(first, v), op1.batch_apply(first, v))
+    out["batch_apply"] = rel(op2.batch_matmul_rows(first, v), op1.batch_matmul_rows(first, v))
 
     # The operator built inside strategy.scope() picks the strategy up without the argument.
     with strategy.scope():
         op3 = tfi.HessianOperator(mirrored, sce, (x, y, w), **options)
-    out["implicit_strategy"] = op3.strategy is strategy
-    out["matvec_implicit"] = rel(op3.apply(v), op1.apply(v))
+    out["implicit_strategy"] = op3.problem.strategy is strategy
+    out["matvec_implicit"] = rel(op3.matmul_rows(v), op1.matmul_rows(v))
 
     b = rng.standard_normal((2, p))
     x1, _ = tfi.solvers.cg(op1, b, tol=1e-12, maxiter=500)
@@ -118,11 +118,12 @@ SCRIPT = textwrap.dedent(r"""
         out[key + "_vs_cg"] = rel(l1, x1)  # the comparison is not between two unconverged garbage values
 
     # EKFAC factors with labels sampled from the model (seeded), batches of 12 (an empty shard).
-    from tf_influence.curvature import EKFACOperator, fit_factors
+    from tf_influence.curvature import fit_factors
+    from tf_influence.operators import EKFACOperator
     sce_keras = keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # named: fisher="true" can sample
-    f1 = fit_factors(tfi.Objective(single, sce_keras), (x, y, w), method="ekfac", fisher="true", seed=0, batch_size=12)
-    f2 = fit_factors(tfi.Objective(mirrored, sce_keras), (x, y, w), method="ekfac", fisher="true", seed=0, batch_size=12,
-                     strategy=strategy)
+    f1 = fit_factors(tfi.Problem(single, sce_keras, (x, y, w), batch_size=12), method="ekfac", fisher="true", seed=0)
+    f2 = fit_factors(tfi.Problem(mirrored, sce_keras, (x, y, w), batch_size=12, strategy=strategy), method="ekfac",
+                     fisher="true", seed=0)
     out["ekfac_total_weight"] = abs(f2.total_weight - f1.total_weight) / f1.total_weight
     out["ekfac_eigenvalues"] = max(rel(np.sort(np.ravel(e2)), np.sort(np.ravel(e1)))
                                    for e1, e2 in zip(f1.eigenvalues(), f2.eigenvalues()))
@@ -202,14 +203,14 @@ WORKER = textwrap.dedent(r"""
     v = rng.standard_normal((3, op.space.size))
     b = rng.standard_normal((2, op.space.size))
     result = {"replicas": strategy.num_replicas_in_sync,
-              "hvp": op.apply(v).numpy(),
+              "hvp": op.matmul_rows(v).numpy(),
               "cg": tfi.solvers.cg(op, b, tol=1e-12, maxiter=500)[0].numpy()}
     inf = tfi.Influence(mirrored, sce, (x, y, w), method="cg", tol=1e-12, maxiter=500, progress=False,
                         strategy=strategy, **options)
     result["scores"] = inf.scores((x_test, y_test))
     # Single-device reference in the same process: a model built outside every scope, no strategy.
     ref = tfi.HessianOperator(single, sce, (x, y, w), **options)
-    result["hvp_ref"] = ref.apply(v).numpy()
+    result["hvp_ref"] = ref.matmul_rows(v).numpy()
     result["cg_ref"] = tfi.solvers.cg(ref, b, tol=1e-12, maxiter=500)[0].numpy()
     result["scores_ref"] = tfi.Influence(single, sce, (x, y, w), method="cg", tol=1e-12, maxiter=500,
                                          progress=False, **options).scores((x_test, y_test))

@@ -149,7 +149,7 @@ def test_loaded_model_gives_the_library_scores_without_tf_influence(tmp_path, fl
 
 def _self_influence(inf, test):
     """`g_testᵀ (H + λI)⁻¹ g_test` for new points, from the library's cached test IHVPs."""
-    grads = np.concatenate([inf._gradients(b).numpy() for b in inf._dataset(test, "test")])
+    grads = np.concatenate([inf.gradients(b).numpy() for b in inf.test_dataset(test)])
     return np.sum(inf.test_inverse_hvps(test) * grads, axis=1)
 
 

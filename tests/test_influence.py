@@ -150,8 +150,8 @@ def test_inverse_hvps_are_cached_and_refreshed_when_weights_change(float64, rng)
     x, y = models.classification_data(rng, n=30)
     inf = tfi.Influence(model, sce, (x[:25], y[:25]), method="cg", damping=0.5, progress=False)
     calls = []
-    solve = inf._solve
-    inf._solve = lambda rows: calls.append(int(rows.shape[0])) or solve(rows)
+    solve = inf.solve
+    inf.solve = lambda rows: calls.append(int(rows.shape[0])) or solve(rows)
     first = inf.test_inverse_hvps((x[25:], y[25:]))
     again = inf.test_inverse_hvps((x[24:], y[24:]))  # one new example, five cached
     assert calls == [5, 1]

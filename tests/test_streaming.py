@@ -28,7 +28,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_matrix(influence, tmp_path
     inf, test = influence
     expected = inf.scores(test)
     path = tmp_path / "scores.npy"
-    dots, calls = inf._dots, []
+    dots, calls = inf.gradient_dots, []
 
     def interrupted(batch, directions):
         calls.append(1)
@@ -36,13 +36,13 @@ def test_interrupted_run_resumes_to_the_uninterrupted_matrix(influence, tmp_path
             raise KeyboardInterrupt("simulated interruption")
         return dots(batch, directions)
 
-    inf._dots = interrupted
+    inf.gradient_dots = interrupted
     with pytest.raises(KeyboardInterrupt):
         tfi.score_to_file(inf, test, path)
     state = json.loads((tmp_path / "scores.npy.progress.json").read_text())
     assert state["batches_done"] == 3 and not state["complete"]
 
-    inf._dots = lambda batch, directions: calls.append(1) or dots(batch, directions)
+    inf.gradient_dots = lambda batch, directions: calls.append(1) or dots(batch, directions)
     inf.test_inverse_hvps = lambda data: pytest.fail("a resumed run must reuse the saved test IHVPs")
     calls.clear()
     scores = tfi.score_to_file(inf, test, path)

@@ -3,13 +3,14 @@
     R(θ) = Σᵢ wᵢ ℓ(zᵢ, θ) / Σᵢ wᵢ  +  Σ weight regularisers (model.losses)  +  (l2/2)·‖θ‖²
 
 `Objective` knows how to evaluate per-example losses and the data-independent part Ω(θ); it holds
-no data and no curvature. Sums over data live in `hvp.py` and `operators.py`.
+no data and no curvature. `Problem` joins it with the data and the selected variables.
 """
 
 import numpy as np
 import tensorflow as tf
 
 from tf_influence.errors import InputError, NotFiniteError
+from tf_influence.losses import check_labels, resolve_loss
 
 
 class Objective:
@@ -42,14 +43,21 @@ class Objective:
         self.model = model
         self.l2 = l2
         self.training = training
-        self.loss_name, self._loss_fn = _resolve_loss(loss, model)
+        self.loss_name, self.loss_function = resolve_loss(loss, model)
+
+    @property
+    def has_weight_regularizers(self):
+        """True when some trainable weight of the model has a regulariser (a term of `model.losses`)."""
+        if hasattr(self.model, "_get_regularization_losses"):  # Keras 3
+            return any(getattr(v, "regularizer", None) is not None for v in self.model.trainable_weights)
+        return bool(self.model.losses)  # tf-keras
 
     def outputs(self, x):
         return self.model(x, training=self.training)
 
     def per_example_loss(self, y, outputs):
         """Per-example losses `[batch]`; extra axes (e.g. time steps) are averaged."""
-        losses = tf.convert_to_tensor(self._loss_fn(y, outputs))
+        losses = tf.convert_to_tensor(self.loss_function(y, outputs))
         if losses.shape.rank is not None and losses.shape.rank > 1:
             losses = tf.reduce_mean(losses, axis=list(range(1, losses.shape.rank)))
         return losses
@@ -79,7 +87,7 @@ class Objective:
                 f"The model could not be called on {name}: x has shape {shapes(x)}. "
                 f"Expected inputs matching the model's input shape. Original error: {e}"
             ) from e
-        _check_labels(self.loss_name, y, outputs, name)
+        check_labels(self.loss_name, y, outputs, name)
         try:
             losses = self.per_example_loss(y, outputs)
         except Exception as e:  # noqa: BLE001
@@ -112,85 +120,7 @@ class Objective:
                 raise NotFiniteError(f"{name}: x contains NaN/Inf values; clean the data first.")
 
 
-def _resolve_loss(loss, model):
-    module = _keras_module(model)
-    if isinstance(loss, str):
-        try:
-            resolved = module.losses.get(loss)
-        except (ValueError, TypeError) as e:
-            raise InputError(
-                f"Unknown loss name {loss!r}. Use a Keras loss name such as "
-                "'sparse_categorical_crossentropy', 'binary_crossentropy' or 'mse', or pass a callable."
-            ) from e
-        if resolved is None:
-            raise InputError(f"Unknown loss name {loss!r}.")
-        name = loss
-        loss = resolved
-    else:
-        name = getattr(loss, "name", None) or getattr(loss, "__name__", type(loss).__name__)
-    if hasattr(loss, "call") and hasattr(loss, "get_config"):  # a Keras Loss instance
-        return name, loss.call
-    if callable(loss):
-        return name, loss
-    raise InputError(
-        f"loss must be a Keras loss, a loss name, or a callable returning per-example losses. "
-        f"Received: {type(loss).__name__}."
-    )
-
-
-def _keras_module(model):
-    if type(model).__module__.startswith("tf_keras") or any(
-        c.__module__.startswith("tf_keras") for c in type(model).__mro__
-    ):
-        import tf_keras
-
-        return tf_keras
-    import keras
-
-    return keras
-
-
 def _weight_regularization(model):
     if hasattr(model, "_get_regularization_losses"):  # Keras 3: fresh regulariser(variable) terms
         return list(model._get_regularization_losses())
     return [t for t in model.losses]  # tf-keras: callable weight losses, evaluated on access
-
-
-def _check_labels(loss_name, y, outputs, name):
-    """Label checks for the common Keras losses, where Keras itself would silently misbehave."""
-    key = str(loss_name).lower().replace("_", "")
-    if not isinstance(y, tf.Tensor) or not isinstance(outputs, tf.Tensor):
-        return
-    if "sparsecategorical" in key:
-        num_classes = outputs.shape[-1]
-        values = tf.cast(y, tf.float64)
-        integral = bool(tf.reduce_all(tf.equal(values, tf.round(values))))
-        if not integral or not y.dtype.is_integer and not y.dtype.is_floating:
-            raise InputError(
-                f"{name}: {loss_name!r} needs integer class labels. Received dtype {y.dtype.name} "
-                "with non-integer values; use one-hot labels with 'categorical_crossentropy' instead."
-            )
-        lo, hi = float(tf.reduce_min(values)), float(tf.reduce_max(values))
-        if num_classes is not None and (lo < 0 or hi >= num_classes):
-            raise InputError(
-                f"{name}: class labels must lie in [0, {num_classes}) for a model with {num_classes} "
-                f"outputs. Received labels in [{lo:g}, {hi:g}]."
-            )
-        if y.shape.rank is not None and y.shape.rank > 1 and y.shape[-1] != 1:
-            raise InputError(
-                f"{name}: {loss_name!r} needs labels of shape [batch] or [batch, 1]. Received "
-                f"{tuple(y.shape)}; one-hot labels go with 'categorical_crossentropy'."
-            )
-    elif "categoricalcrossentropy" in key or key in ("kldivergence", "kld"):
-        if tuple(y.shape) != tuple(outputs.shape):
-            raise InputError(
-                f"{name}: {loss_name!r} needs one-hot labels shaped like the output "
-                f"{tuple(outputs.shape)}. Received {tuple(y.shape)}; integer labels go with "
-                "'sparse_categorical_crossentropy'."
-            )
-    elif "binarycrossentropy" in key or "binaryfocal" in key:
-        values = tf.cast(y, tf.float64)
-        if bool(tf.reduce_any((values < 0) | (values > 1))):
-            raise InputError(f"{name}: {loss_name!r} needs labels in [0, 1]. Received values outside it.")
-    if y.dtype == tf.string:
-        raise InputError(f"{name}: labels are strings; encode them as numbers first.")

@@ -8,7 +8,6 @@ silently be wrong for them.
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 
@@ -19,19 +18,10 @@ from tf_influence.curvature.capture import find_blocks
 from tf_influence.curvature.factors import FactorSettings, Factors, LayerFactors
 from tf_influence.errors import InputError
 from tf_influence.params import select_variables
+from tf_influence.problem import model_fingerprint
 
 FORMAT_VERSION = 1
 _SETTINGS, _ARRAYS = "settings.json", "factors.npz"
-
-
-def model_fingerprint(model):
-    """SHA-256 of the shapes, dtypes and values of every weight of `model` (names excluded)."""
-    digest = hashlib.sha256()
-    for weight in model.weights:
-        value = np.asarray(weight.numpy())
-        digest.update(f"{value.shape}{value.dtype}".encode())
-        digest.update(np.ascontiguousarray(value).tobytes())
-    return digest.hexdigest()
 
 
 def save_factors(factors, directory, *, damping=None):

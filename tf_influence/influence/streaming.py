@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence.errors import InputError
+from tf_influence.files import atomic_save_npy, atomic_write_json
 
 
 def score_to_file(influence, test, path, *, resume=True, progress=None):
@@ -45,7 +46,7 @@ def score_to_file(influence, test, path, *, resume=True, progress=None):
     if not path.endswith(".npy"):
         raise InputError(f"path must end with '.npy' (a NumPy file). Received {path!r}.")
     state_path, ihvp_path = path + ".progress.json", path + ".ihvp.npy"
-    dataset = influence._dataset(test, "test")  # noqa: SLF001 - validated, batched test data
+    dataset = influence.test_dataset(test)
     fingerprint = _fingerprint(influence, dataset)
     state = _read_state(state_path)
     if state is not None and resume and state["fingerprint"] != fingerprint:
@@ -59,7 +60,7 @@ def score_to_file(influence, test, path, *, resume=True, progress=None):
         done = state["batches_done"]
     else:
         directions = influence.test_inverse_hvps(dataset)
-        _atomic_save(ihvp_path, directions)
+        atomic_save_npy(ihvp_path, directions)
         scores = np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=(len(directions), n_train))
         done = 0
         _write_state(state_path, fingerprint, 0, False)
@@ -67,7 +68,7 @@ def score_to_file(influence, test, path, *, resume=True, progress=None):
         raise InputError(f"{path!r} has shape {scores.shape}; expected {(len(directions), n_train)}.")
 
     directions_tensor = tf.constant(directions, influence.space.dtype)
-    train = influence.operator.dataset
+    train = influence.problem.dataset
     cardinality = int(train.cardinality())
     show = influence.progress if progress is None else progress
     bar = keras.utils.Progbar(cardinality if cardinality > 0 else None, verbose=1 if show else 0,
@@ -75,7 +76,7 @@ def score_to_file(influence, test, path, *, resume=True, progress=None):
     offset = _offset_after(train, done)
     started = time.perf_counter()
     for step, batch in enumerate(train.skip(done), start=done):
-        columns = influence._dots(batch, directions_tensor).numpy()  # noqa: SLF001 - [batch, n_test]
+        columns = influence.gradient_dots(batch, directions_tensor).numpy()  # [batch, n_test]
         scores[:, offset:offset + len(columns)] = columns.T
         scores.flush()
         offset += len(columns)
@@ -97,10 +98,9 @@ def _offset_after(train, batches):
 
 
 def _fingerprint(influence, test_dataset):
-    influence._check_fingerprint()  # noqa: SLF001 - refreshes the cache (with a warning) if weights changed
     digest = hashlib.sha1()
-    digest.update(influence._fingerprint.encode())  # noqa: SLF001 - the model weights
-    settings = (influence.method, influence.damping, influence.objective.l2, influence.operator.curvature,
+    digest.update(influence.check_weights().encode())  # the model weights (refreshes stale caches)
+    settings = (influence.method, influence.damping, influence.objective.l2, influence.source.curvature,
                 influence.space.size, influence.n_train, repr(influence.solver))
     digest.update(repr(settings).encode())
     for x, y, _ in test_dataset:
@@ -117,13 +117,5 @@ def _read_state(state_path):
 
 
 def _write_state(state_path, fingerprint, batches_done, complete, **extra):
-    tmp = state_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"fingerprint": fingerprint, "batches_done": batches_done, "complete": complete, **extra}, f)
-    os.replace(tmp, state_path)
-
-
-def _atomic_save(path, array):
-    tmp = path + ".tmp.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    atomic_write_json(state_path, {"fingerprint": fingerprint, "batches_done": batches_done, "complete": complete,
+                                   **extra})

@@ -8,9 +8,12 @@ Up-weighting zᵢ by ε changes the test loss by −ε·score; removing zᵢ is 
 (−1/n without sample weights), so removal is predicted to change the test loss by
 +score·wᵢ/Σw. **A positive score means the training example helped** the test prediction
 (removing it raises the test loss); a negative score means it hurt.
+
+The stages: a `Problem` (model, loss, data, variables) is validated once; the method asks a
+`CurvatureSource` for the curvature it needs (nothing else is built) and prepares its reusable state
+once per model weights; scoring multiplies training gradients with the prepared test directions.
 """
 
-import dataclasses
 import hashlib
 import warnings
 
@@ -19,27 +22,15 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence import distribute as _distribute
-from tf_influence import scoring
-from tf_influence.data import as_dataset, first_batch
 from tf_influence.errors import InputError
-from tf_influence.operators import HessianOperator
-from tf_influence.params import tf_variables
+from tf_influence.influence import gradients as _gradients
+from tf_influence.influence.topk import top_k as _top_k
+from tf_influence.operators.source import CurvatureSource
+from tf_influence.problem import Problem
 from tf_influence.solvers.dispatch import make_solver
+from tf_influence.solvers.method import Prepared
 
 _SOLVE_CHUNK = 256
-
-
-@dataclasses.dataclass(frozen=True)
-class TopK:
-    """Most helpful (largest score) and most harmful (smallest score) training examples per test point.
-
-    Each array is `[n_test, k]`; indices point into the training data in its original order.
-    """
-
-    helpful_indices: np.ndarray
-    helpful_scores: np.ndarray
-    harmful_indices: np.ndarray
-    harmful_scores: np.ndarray
 
 
 class Influence:
@@ -52,8 +43,8 @@ class Influence:
         shuffled between passes: scores are reported in the data's order).
       variables: parameters θ to take influence over: `None` (all trainable), layers, layer names
         or variables. `variables=model.layers[-1]` studies the last layer with the rest frozen.
-      method: IHVP method name (`"direct"`, `"cg"`, `"lissa"`, `"scipy"`, ...) or a method object
-        such as `tfi.solvers.CG(tol=1e-8)`.
+      method: IHVP method name (`"direct"`, `"cg"`, `"lissa"`, `"scipy"`, `"ekfac"`, `"kfac"`,
+        `"chain"`) or a method object such as `tfi.solvers.CG(tol=1e-8)`.
       damping: λ ≥ 0; every method solves `(H + λI) x = b`.
       l2: extra `(l2/2)·‖θ‖²` in the objective (use the weight decay the model was trained with).
       curvature: `"hessian"` or `"gauss_newton"` (PSD; safer for non-convex models).
@@ -68,6 +59,12 @@ class Influence:
         on CPU this roughly halves the product time of CNNs with max pooling.
       **method_options: options of the method (e.g. `tol`, `maxiter` for CG).
 
+    Attributes:
+      problem: the validated `tfi.Problem`; `space`: its flat parameter coordinates.
+      solver: the method object; `method`: its name.
+      source: the `CurvatureSource` the method takes its curvature from.
+      last_solve_info: the `SolveInfo` of the latest solve.
+
     Example:
       >>> inf = tfi.Influence(model, "sparse_categorical_crossentropy", (x_train, y_train),
       ...                     method="cg", damping=1e-3)
@@ -80,41 +77,53 @@ class Influence:
                  curvature="hessian", batch_size=None, mode="forward_over_back", training=False,
                  progress=True, strategy=None, jit_compile=False, **method_options):
         self.solver = make_solver(method, **method_options)
-        self.operator = HessianOperator(model, loss, train, variables, damping=damping, l2=l2,
-                                        curvature=curvature, mode=mode, batch_size=batch_size,
-                                        training=training, strategy=strategy,
-                                        jit_compile=jit_compile)
+        self.problem = Problem(model, loss, train, variables, l2=l2, training=training, batch_size=batch_size,
+                               strategy=strategy, name="train")
+        self.source = CurvatureSource(self.problem, damping=damping, curvature=curvature, mode=mode,
+                                      jit_compile=jit_compile)
         self.model = model
-        self.objective = self.operator.objective
-        self.space = self.operator.space
+        self.objective = self.problem.objective
+        self.space = self.problem.space
         self.method = self.solver.name
-        self.batch_size = batch_size
         self.progress = progress
         self.last_solve_info = None
-        self._train = self.operator.dataset
-        self._tf_vars = tf_variables(self.operator.selected_variables)
-        self._gradients = tf.function(self._gradients_fn, reduce_retracing=True)
-        self._dots = tf.function(self._dots_fn, reduce_retracing=True)
-        self.strategy = self.operator.strategy
-        if self.strategy is not None:  # each batch split across replicas, rows back in order
-            self._gradients = tf.function(
-                lambda batch: _distribute.batch_rows(self.strategy, self._gradients_fn, batch),
-                reduce_retracing=True)
-            self._dots = tf.function(
-                lambda batch, directions: _distribute.batch_rows(self.strategy, self._dots_fn, batch, directions),
-                reduce_retracing=True)
-        self._train_weights = None
-        self._reset_cache()
+        self.gradients = self._compiled(_gradients.per_example_gradients)
+        self.gradient_dots = self._compiled(_gradients.gradient_dot)
+        self._prepared = None
+        self._cache = {}
+        self._fingerprint = self.problem.fingerprint()
+        if jit_compile:  # an option of the Hessian products: check now that XLA can compile them
+            self.source.hessian()
 
     # -- Public API ---------------------------------------------------------------------------
 
     @property
     def damping(self):
-        return self.operator.damping
+        return self.source.damping
+
+    @property
+    def strategy(self):
+        return self.problem.strategy
+
+    @property
+    def operator(self):
+        """The exact `H + λI` as a `HessianOperator` (built on first access; EKFAC never needs it)."""
+        return self.source.hessian()
 
     @property
     def n_train(self):
-        return len(self._weights())
+        return self.problem.num_examples
+
+    def prepared(self):
+        """The method's reusable state (`Prepared`) for the model's current weights, prepared once."""
+        self.check_weights()
+        if self._prepared is None:
+            if callable(getattr(self.solver, "prepare", None)):
+                self._prepared = self.solver.prepare(self.source)
+            else:  # a user's method object with only solve(operator, rows)
+                operator = self.source.hessian()
+                self._prepared = Prepared(self.solver, operator, lambda rows: self.solver.solve(operator, rows))
+        return self._prepared
 
     def inverse_hvp(self, vectors):
         """`(H + λI)⁻¹ v` for flat vectors `[p]` / `[k, p]` or a list shaped like the variables.
@@ -123,22 +132,33 @@ class Influence:
         """
         as_list = isinstance(vectors, (list, tuple))
         flat = self.space.as_flat_vectors(vectors)
-        solution = self._solve(flat)
+        solution = self.solve(flat)
         if as_list:
             parts = self.space.unflatten(solution)
             return parts if np.ndim(vectors[0]) > len(self.space.shapes[0]) else [p[0] for p in parts]
         return solution[0] if tf.convert_to_tensor(vectors).shape.rank == 1 else solution
 
+    def solve(self, rows):
+        """`(H + λI)⁻¹` on rows `[k, p]` with the prepared method; sets `last_solve_info`."""
+        rows = tf.convert_to_tensor(rows, self.space.dtype)
+        solution, info = self.prepared().solve(rows)
+        self.last_solve_info = info
+        return solution
+
+    def test_dataset(self, test):
+        """`test` as a validated dataset of `(x, y, w)` batches, batched like the training data."""
+        return self.problem.batched(test, "test")
+
     def test_inverse_hvps(self, test):
         """`[n_test, p]`: `(H + λI)⁻¹ ∇ℓ(z_test)` for each test example, computed once and cached."""
-        self._check_fingerprint()
+        self.check_weights()
         keys, gradients = [], []
-        for batch in self._dataset(test, "test"):
+        for batch in self.test_dataset(test):
             batch_keys = _example_keys(batch)
             keys.extend(batch_keys)
             missing = [i for i, key in enumerate(batch_keys) if key not in self._cache]
             if missing:
-                grads = self._gradients(batch).numpy()
+                grads = self.gradients(batch).numpy()
                 gradients.extend((batch_keys[i], grads[i]) for i in missing)
         pending = {}
         for key, grad in gradients:
@@ -146,14 +166,15 @@ class Influence:
         items = list(pending.items())
         for start in range(0, len(items), _SOLVE_CHUNK):
             chunk = items[start:start + _SOLVE_CHUNK]
-            solution = self._solve(tf.constant(np.stack([g for _, g in chunk]), self.space.dtype)).numpy()
+            solution = self.solve(tf.constant(np.stack([g for _, g in chunk]), self.space.dtype)).numpy()
             self._cache.update({key: row for (key, _), row in zip(chunk, solution)})
         return np.stack([self._cache[key] for key in keys])
 
     def scores(self, test):
         """`[n_test, n_train]` influence scores `∇ℓ(z_test)ᵀ (H + λI)⁻¹ ∇ℓ(zᵢ)`; positive = helpful."""
         directions = tf.constant(self.test_inverse_hvps(test), self.space.dtype)
-        columns = [self._dots(batch, directions).numpy() for batch in self._progress(self._train, "scoring")]
+        columns = [self.gradient_dots(batch, directions).numpy()
+                   for batch in self._progress(self.problem.dataset, "scoring")]
         return np.concatenate(columns, axis=0).T
 
     def predicted_loss_change(self, test):
@@ -161,29 +182,43 @@ class Influence:
 
         Equals `scores / n_train` without sample weights (`scores · wᵢ / Σw` with them).
         """
-        weights = self._weights()
+        weights = self.problem.weights()
         return self.scores(test) * (weights / weights.sum())[np.newaxis, :]
 
     def top_k(self, test, k):
-        """The `k` most helpful and most harmful training examples for each test example."""
+        """The `k` most helpful and most harmful training examples for each test example (a `TopK`)."""
         n = self.n_train
-        if not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= n:
             raise InputError(f"k must be an integer in [1, n_train={n}]. Received: k={k!r}.")
-        scores = self.scores(test)
-        helpful = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        harmful = np.argsort(scores, axis=1, kind="stable")[:, :k]
-        return TopK(helpful, np.take_along_axis(scores, helpful, 1),
-                    harmful, np.take_along_axis(scores, harmful, 1))
+        return _top_k(self.scores(test), k)
 
     def self_influence(self):
         """`[n_train]`: `∇ℓ(zᵢ)ᵀ (H + λI)⁻¹ ∇ℓ(zᵢ)` — large for atypical or mislabeled examples."""
-        self._check_fingerprint()
+        self.check_weights()
         values = []
-        for batch in self._progress(self._train, "self-influence"):
-            grads = self._gradients(batch)
-            solution = self._solve(grads)
+        for batch in self._progress(self.problem.dataset, "self-influence"):
+            grads = self.gradients(batch)
+            solution = self.solve(grads)
             values.append(tf.reduce_sum(grads * solution, axis=1).numpy())
         return np.concatenate(values)
+
+    def training_gradients(self, indices=None):
+        """`[n, p]` per-example loss gradients of the training examples (all, or those in `indices`)."""
+        n = self.n_train
+        if indices is None:
+            return np.concatenate([self.gradients(batch).numpy() for batch in iter(self.problem.dataset)])
+        indices = np.atleast_1d(np.asarray(indices))
+        if indices.dtype.kind not in "iu" or np.any(indices < 0) or np.any(indices >= n):
+            raise InputError(f"indices must be integers in [0, {n}). Received: {indices.tolist()}.")
+        grads = np.zeros((len(indices), self.space.size), self.space.dtype.as_numpy_dtype)
+        offset = 0
+        for batch in self.problem.dataset:
+            size = int(tf.shape(batch[2])[0])
+            inside = (indices >= offset) & (indices < offset + size)
+            if inside.any():
+                grads[inside] = self.gradients(batch).numpy()[indices[inside] - offset]
+            offset += size
+        return grads
 
     def parameter_change(self, indices):
         """`[len(indices), p]`: predicted `Δθ` when each listed training example is removed.
@@ -191,53 +226,33 @@ class Influence:
         `Δθ ≈ (wᵢ/Σw) (H + λI)⁻¹ ∇ℓ(zᵢ)` (first order); unflatten with `self.space.unflatten`.
         """
         indices = np.atleast_1d(np.asarray(indices))
-        n = self.n_train
-        if indices.dtype.kind not in "iu" or np.any(indices < 0) or np.any(indices >= n):
-            raise InputError(f"indices must be integers in [0, {n}). Received: {indices.tolist()}.")
-        grads = np.zeros((len(indices), self.space.size), self.space.dtype.as_numpy_dtype)
-        offset = 0
-        for batch in self._train:
-            size = int(tf.shape(batch[2])[0])
-            inside = (indices >= offset) & (indices < offset + size)
-            if inside.any():
-                batch_grads = self._gradients(batch).numpy()
-                grads[inside] = batch_grads[indices[inside] - offset]
-            offset += size
-        weights = self._weights()
-        solution = self._solve(tf.constant(grads)).numpy()
+        grads = self.training_gradients(indices)
+        weights = self.problem.weights()
+        solution = self.solve(tf.constant(grads)).numpy()
         return solution * (weights[indices] / weights.sum())[:, np.newaxis]
+
+    def check_weights(self):
+        """Drops cached solutions and prepared state (with a warning) if the model's weights changed."""
+        fingerprint = self.problem.fingerprint()
+        if fingerprint != self._fingerprint:
+            warnings.warn("The model's weights changed since the inverse-HVPs were cached; recomputing.",
+                          stacklevel=3)
+            self._cache, self._prepared, self._fingerprint = {}, None, fingerprint
+        return fingerprint
 
     # -- Internals ------------------------------------------------------------------------------
 
-    def _gradients_fn(self, batch):
-        return scoring.per_example_gradients(self.objective, self._tf_vars, self.space, batch)
+    def _compiled(self, fn):
+        """`fn(objective, tf_vars, space, batch, *args)` over one batch, compiled, split across replicas."""
+        problem = self.problem
 
-    def _dots_fn(self, batch, directions):
-        return scoring.gradient_dot(self.objective, self._tf_vars, self.space, batch, directions)
+        def per_batch(batch, *args):
+            return fn(problem.objective, problem.tf_variables, problem.space, batch, *args)
 
-    def _solve(self, rows):
-        rows = tf.convert_to_tensor(rows, self.space.dtype)
-        solution, info = self.solver.solve(self._solve_operator(), rows)
-        self.last_solve_info = info
-        return solution
-
-    def _solve_operator(self):
-        if self.method == "direct":
-            if self._dense is None:
-                self._dense = tf.linalg.LinearOperatorFullMatrix(
-                    self.operator.to_dense(), is_self_adjoint=True, is_square=True)
-            return self._dense
-        return self.operator
-
-    def _dataset(self, data, name):
-        dataset = as_dataset(data, batch_size=self.batch_size, name=name)
-        self.objective.validate(first_batch(dataset, name), name)
-        return dataset
-
-    def _weights(self):
-        if self._train_weights is None:
-            self._train_weights = np.concatenate([w.numpy() for _, _, w in self._train]).astype(np.float64)
-        return self._train_weights
+        if problem.strategy is None:
+            return tf.function(per_batch, reduce_retracing=True)
+        return tf.function(lambda batch, *args: _distribute.batch_rows(problem.strategy, per_batch, batch, *args),
+                           reduce_retracing=True)
 
     def _progress(self, dataset, label):
         cardinality = int(dataset.cardinality())
@@ -247,27 +262,9 @@ class Influence:
             yield batch
             bar.update(step + 1)
 
-    def _reset_cache(self):
-        self._cache = {}
-        self._dense = None
-        self._fingerprint = _fingerprint(self._tf_vars)
-
-    def _check_fingerprint(self):
-        if _fingerprint(self._tf_vars) != self._fingerprint:
-            warnings.warn("The model's weights changed since the inverse-HVPs were cached; recomputing.",
-                          stacklevel=3)
-            self._reset_cache()
-
 
 def _example_keys(batch):
     x, y, _ = batch
     flat = [t.numpy() for t in tf.nest.flatten((x, y))]
     n = flat[0].shape[0]
     return [hashlib.sha1(b"".join(a[i].tobytes() for a in flat)).hexdigest() for i in range(n)]
-
-
-def _fingerprint(tf_vars):
-    digest = hashlib.sha1()
-    for v in tf_vars:
-        digest.update(v.numpy().tobytes())
-    return digest.hexdigest()

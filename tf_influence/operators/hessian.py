@@ -7,12 +7,14 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
+from tf_influence import arguments
 from tf_influence import distribute as _distribute
-from tf_influence import hvp as _hvp
-from tf_influence.data import as_dataset, first_batch
+from tf_influence.curvature import products as _products
+from tf_influence.data import first_batch
 from tf_influence.errors import InputError, NotFiniteError, ResourceError, SecondDerivativeError
-from tf_influence.objective import Objective
-from tf_influence.params import ParameterSpace, select_variables, tf_variables
+from tf_influence.operators.minibatch import MinibatchCurvature
+from tf_influence.operators.rows import RowsOperator
+from tf_influence.problem import Problem
 from tf_influence.traps import second_derivative_traps, trap_message
 
 _log = logging.getLogger(__name__)
@@ -20,7 +22,7 @@ _log = logging.getLogger(__name__)
 MAX_DENSE_SIZE = 20_000
 
 
-class HessianOperator(tf.linalg.LinearOperator):
+class HessianOperator(RowsOperator):
     """`H + λI` for the mean training objective, as a self-adjoint `tf.linalg.LinearOperator`.
 
     `H = ∇²R(θ)` with `R(θ) = Σ wᵢ ℓ(zᵢ, θ) / Σ wᵢ + Ω(θ)` over the selected variables θ (or the
@@ -29,7 +31,8 @@ class HessianOperator(tf.linalg.LinearOperator):
     k columns handles k vectors in the same pass.
 
     Args:
-      model: a built Keras model.
+      model: a built Keras model, or a `tfi.Problem` (then `loss`, `data`, `variables`, `l2`,
+        `training`, `batch_size` and `strategy` come from it and must not be given).
       loss: a Keras loss, loss name, or callable giving per-example losses.
       data: `(x, y)` / `(x, y, w)` arrays or a batched `tf.data.Dataset` of such tuples.
       variables: `None` for all trainable variables, or layers / layer names / variables.
@@ -64,66 +67,65 @@ class HessianOperator(tf.linalg.LinearOperator):
       ...                         is_positive_definite=True)   # a promise, as in tf.linalg
       >>> hv = H.matvec(v)                                      # v: [p]
       >>> x = tf.linalg.experimental.conjugate_gradient(H, b).x
+      >>> H.matmul_rows(vectors)                                # [k, p] -> [k, p], one data pass
     """
 
-    def __init__(self, model, loss, data, variables=None, *, damping=0.0, l2=0.0,
+    def __init__(self, model, loss=None, data=None, variables=None, *, damping=0.0, l2=0.0,
                  curvature="hessian", mode="forward_over_back", batch_size=None, step=None,
                  training=False, on_unsafe_layers="raise", jit_compile=False,
                  is_positive_definite=None, strategy=None, name="HessianOperator"):
-        if mode not in _hvp.MODES:
-            raise InputError(f"Unknown mode {mode!r}. Expected one of {_hvp.MODES}.")
-        if curvature not in _hvp.CURVATURES:
-            raise InputError(f"Unknown curvature {curvature!r}. Expected one of {_hvp.CURVATURES}.")
-        if on_unsafe_layers not in ("raise", "warn", "ignore"):
-            raise InputError(
-                f"on_unsafe_layers must be 'raise', 'warn' or 'ignore'. Received {on_unsafe_layers!r}."
-            )
-        damping = float(damping)
-        if not np.isfinite(damping) or damping < 0:
-            raise InputError(f"damping must be a finite number ≥ 0. Received: damping={damping}.")
-        objective = loss if isinstance(loss, Objective) else Objective(model, loss, l2=l2, training=training)
-        self.objective = objective
-        self.model = model
-        self.selected_variables = select_variables(model, variables)
-        self.space = ParameterSpace(self.selected_variables)
-        self.dataset = as_dataset(data, batch_size=batch_size, name="data")
-        objective.validate(first_batch(self.dataset, "data"), "data")
+        arguments.one_of(mode, "mode", _products.MODES)
+        arguments.one_of(curvature, "curvature", _products.CURVATURES)
+        arguments.one_of(on_unsafe_layers, "on_unsafe_layers", ("raise", "warn", "ignore"))
+        damping = arguments.nonnegative_float(damping, "damping")
+        if isinstance(model, Problem):
+            given = {k: v for k, v in dict(loss=loss, data=data, variables=variables, l2=l2, training=training,
+                                           batch_size=batch_size, strategy=strategy).items() if v}
+            if given:
+                raise InputError(f"HessianOperator(problem, ...) takes its {sorted(given)} from the Problem; "
+                                 "do not pass them again.")
+            problem = model
+        else:
+            problem = Problem(model, loss, data, variables, l2=l2, training=training, batch_size=batch_size,
+                              strategy=strategy)
+        self.problem = problem
+        self.source = None  # the CurvatureSource that built or wraps this operator, if any
+        self.space = problem.space
+        self.size = problem.space.size
         self.damping = damping
         self.curvature = curvature
         self.mode = mode
         self.step = step
         self.jit_compile = jit_compile
-        self._data = data
-        self._batch_size = batch_size
         self._on_unsafe_layers = on_unsafe_layers
         if curvature == "hessian" and mode != "finite_difference":
-            traps = second_derivative_traps(model, self.selected_variables, training=objective.training)
+            traps = second_derivative_traps(problem.model, problem.variables, training=problem.objective.training)
             if traps and on_unsafe_layers == "raise":
                 raise SecondDerivativeError(trap_message(traps, mode))
             if traps and on_unsafe_layers == "warn":
                 warnings.warn(trap_message(traps, mode), stacklevel=2)
-        self._tf_vars = tf_variables(self.selected_variables)
-        # XLA cannot compile dataset iteration, so only the per-batch product is jit-compiled.
+        # `data_pass(rows) -> (Σᵢ wᵢ Cᵢ rows, Σᵢ wᵢ)`: one compiled pass over the data (XLA cannot
+        # compile dataset iteration, so only the per-batch product is jit-compiled).
         self._batch_product = tf.function(self._batch_product_fn, jit_compile=jit_compile)
-        self._data_pass = tf.function(self._data_pass_fn)
-        self._gradient_pass = tf.function(self._gradient_pass_fn)
-        self.strategy = _distribute.resolve_strategy(strategy)
-        if self.strategy is not None:
-            self._data_pass = tf.function(self._distributed_data_pass_fn)
+        if problem.strategy is not None:
+            self.data_pass = tf.function(self._distributed_data_pass_fn)
             self._gradient_pass = tf.function(self._distributed_gradient_pass_fn)
-        elif jit_compile and self.has_batch_products:
-            self._check_xla_compiles(first_batch(self.dataset, "data"))
-        p = self.space.size
+        else:
+            self.data_pass = tf.function(self._data_pass_fn)
+            self._gradient_pass = tf.function(self._gradient_pass_fn)
+            if jit_compile and self.has_batch_products:
+                self._check_xla_compiles(first_batch(problem.dataset, "data"))
         self._pd_promise = is_positive_definite
         if is_positive_definite is None and curvature == "gauss_newton" and damping > 0:
             is_positive_definite = True
         super().__init__(
-            dtype=self.space.dtype,
+            dtype=problem.space.dtype,
             is_self_adjoint=True,
             is_positive_definite=is_positive_definite,
             is_square=True,
             name=name,
-            parameters=dict(damping=damping, curvature=curvature, mode=mode, l2=objective.l2, size=p),
+            parameters=dict(damping=damping, curvature=curvature, mode=mode, l2=problem.objective.l2,
+                            size=self.size),
         )
 
     @property
@@ -133,27 +135,11 @@ class HessianOperator(tf.linalg.LinearOperator):
 
     def default_step(self):
         """The finite-difference step for a unit vector, `ε^(1/3)·(1 + ‖θ‖)` (divided by ‖v‖ otherwise)."""
-        theta = self.space.flatten([tf.convert_to_tensor(v) for v in self._tf_vars])
+        theta = self.space.flatten([tf.convert_to_tensor(v) for v in self.problem.tf_variables])
         return np.finfo(self.space.dtype.as_numpy_dtype).eps ** (1 / 3) * (1 + float(tf.linalg.norm(theta)))
 
-    # -- LinearOperator interface -------------------------------------------------------------
-
-    def _shape(self):
-        return tf.TensorShape([self.space.size, self.space.size])
-
-    def _shape_tensor(self):
-        return tf.constant([self.space.size, self.space.size], dtype=tf.int32)
-
-    def _matmul(self, x, adjoint=False, adjoint_arg=False):
-        x = tf.convert_to_tensor(x, dtype=self.dtype)
-        if adjoint_arg:
-            x = tf.linalg.adjoint(x)
-        if x.shape.rank != 2:
-            raise InputError(f"{self.name} supports no batch shape; received x of shape {x.shape}.")
-        return tf.transpose(self.apply(tf.transpose(x)))
-
     def _to_dense(self):
-        p = self.space.size
+        p = self.size
         if p > MAX_DENSE_SIZE:
             raise ResourceError(
                 f"to_dense() of a {p}x{p} Hessian would need {p * p * self.dtype.size / 2**30:.1f} GiB "
@@ -162,21 +148,19 @@ class HessianOperator(tf.linalg.LinearOperator):
             )
         eye = tf.eye(p, dtype=self.dtype)
         chunk = 64
-        rows = [self.apply(eye[i:i + chunk]) for i in range(0, p, chunk)]
+        rows = [self.matmul_rows(eye[i:i + chunk]) for i in range(0, p, chunk)]
         dense = tf.concat(rows, axis=0)
         return 0.5 * (dense + tf.transpose(dense))
 
-    # -- Products on flat vectors ---------------------------------------------------------------
+    # -- Products on rows ------------------------------------------------------------------------
 
-    def apply(self, vectors):
-        """`(H + λI) vᵀ` for each row of `vectors` `[k, p]`; returns `[k, p]`."""
-        vectors = tf.convert_to_tensor(vectors, dtype=self.dtype)
+    def _matmul_rows(self, rows):
         if not self.has_batch_products:
-            result = self._finite_difference(vectors)
+            result = self._finite_difference(rows)
         else:
-            total, weight = self._data_pass(vectors)
-            result = total / tf.cast(weight, self.dtype) + self._regularizer_product(vectors)
-        result = result + self.damping * vectors
+            total, weight = self.data_pass(rows)
+            result = total / tf.cast(weight, self.dtype) + self._regularizer_product(rows)
+        result = result + self.damping * rows
         if tf.executing_eagerly() and not bool(tf.reduce_all(tf.math.is_finite(result))):
             raise NotFiniteError(
                 "The curvature product contains NaN/Inf. Check the data and the loss for NaN, and the "
@@ -185,16 +169,28 @@ class HessianOperator(tf.linalg.LinearOperator):
         return result
 
     def with_options(self, **changes):
-        """A new operator on the same model, loss, data and variables with some options changed."""
-        options = dict(damping=self.damping, curvature=self.curvature, mode=self.mode,
-                       batch_size=self._batch_size, step=self.step,
+        """A new operator on the same problem (model, loss, data, variables) with some options changed."""
+        options = dict(damping=self.damping, curvature=self.curvature, mode=self.mode, step=self.step,
                        on_unsafe_layers=self._on_unsafe_layers, jit_compile=self.jit_compile,
-                       is_positive_definite=self._pd_promise, strategy=self.strategy)
+                       is_positive_definite=self._pd_promise)
         options.update(changes)
-        return HessianOperator(self.model, self.objective, self._data, self.selected_variables, **options)
+        return HessianOperator(self.problem, **options)
 
-    def batch_apply(self, batch, vectors):
-        """Curvature of ONE batch `(x, y, w)` times each row of `vectors` `[k, p]`, without damping.
+    def minibatches(self, *, batch_size, sampling="independent", seed=0):
+        """Curvature products of random minibatches of the training data (undamped), for LiSSA.
+
+        Returns a `MinibatchCurvature` whose traceable `matmul_rows(rows, step)` gives `H̃_step`
+        times each row: step s always draws the same minibatch for the same seed.
+        """
+        if not self.has_batch_products:
+            raise InputError(
+                "minibatch products have no finite-difference form (it moves the variables over the whole "
+                "data set). Use mode='forward_over_back' or 'back_over_back' for minibatch products.")
+        return MinibatchCurvature(self.problem.dataset, self.batch_matmul_rows, num_examples=self.problem.num_examples,
+                                  batch_size=batch_size, sampling=sampling, seed=seed)
+
+    def batch_matmul_rows(self, batch, rows):
+        """Curvature of ONE batch `(x, y, w)` times each row of `rows` `[k, p]`, without damping.
 
         Returns `Σ_{i∈batch} wᵢ Cᵢ v / Σ_{i∈batch} wᵢ + ∇²Ω v` (`[k, p]`): the minibatch estimate
         `H̃` of `H` that stochastic solvers (LiSSA) use. Traceable inside `tf.function`; no NaN
@@ -202,16 +198,15 @@ class HessianOperator(tf.linalg.LinearOperator):
         """
         if not self.has_batch_products:
             raise InputError(
-                "batch_apply has no finite-difference form (it moves the variables over the whole "
-                "data set). Use mode='forward_over_back' or 'back_over_back' for minibatch products."
-            )
-        vectors = tf.convert_to_tensor(vectors, dtype=self.dtype)
-        if self.strategy is not None:
-            total = _distribute.batch_sum(self.strategy, self._shard_product, batch, vectors)
+                "batch products have no finite-difference form (it moves the variables over the whole "
+                "data set). Use mode='forward_over_back' or 'back_over_back' for minibatch products.")
+        rows = tf.convert_to_tensor(rows, dtype=self.dtype)
+        if self.problem.strategy is not None:
+            total = _distribute.batch_sum(self.problem.strategy, self._shard_product, batch, rows)
         else:
-            total = self._batch_product(batch, self.space.unflatten(vectors))
+            total = self._batch_product(batch, self.space.unflatten(rows))
         weight = tf.cast(tf.reduce_sum(batch[2]), self.dtype)
-        return total / weight + self._regularizer_product(vectors)
+        return total / weight + self._regularizer_product(rows)
 
     def gradient(self):
         """Flat gradient `∇R(θ)` of the mean objective (regulariser included)."""
@@ -222,7 +217,7 @@ class HessianOperator(tf.linalg.LinearOperator):
 
     def _check_xla_compiles(self, batch):
         # Fail here, with the reason, rather than deep inside a solver loop.
-        zeros = tf.zeros([1, self.space.size], self.space.dtype)
+        zeros = tf.zeros([1, self.size], self.problem.dtype)
         try:
             self._batch_product(batch, self.space.unflatten(zeros))
         except tf.errors.InvalidArgumentError as error:
@@ -236,100 +231,98 @@ class HessianOperator(tf.linalg.LinearOperator):
                 "jit_compile=False, or a float32 model."
             ) from None
 
-    def _data_pass_fn(self, vectors):
-        tangents = self.space.unflatten(vectors)
-        total = tf.zeros_like(vectors)
+    def _data_pass_fn(self, rows):
+        tangents = self.space.unflatten(rows)
+        total = tf.zeros_like(rows)
         weight = tf.zeros([], dtype=tf.float64)
         # Iterating an iterator, not the dataset: AutoGraph turns `for b in dataset` into a
         # dataset reduce whose body TF re-instantiates and re-optimises on every call (~0.5 s).
-        for batch in iter(self.dataset):
+        for batch in iter(self.problem.dataset):
             total += self._batch_product(batch, tangents)
             weight += tf.cast(tf.reduce_sum(batch[2]), tf.float64)
         tf.debugging.assert_positive(weight, message="The data has zero total sample weight (or no examples).")
         return total, weight
 
     def _batch_product_fn(self, batch, tangents):
-        products = _hvp.batch_curvature_product(
-            self.objective, self._tf_vars, batch, tangents, mode=self.mode, curvature=self.curvature)
+        products = _products.batch_curvature_product(
+            self.problem.objective, self.problem.tf_variables, batch, tangents, mode=self.mode,
+            curvature=self.curvature)
         return self.space.flatten(products, batch_dims=1)
 
-    def _distributed_data_pass_fn(self, vectors):
-        initial = (tf.zeros_like(vectors), tf.zeros([], dtype=tf.float64))
-        total, weight = _distribute.replica_sum(self.strategy, self.dataset, self._shard_product_and_weight,
-                                                initial, vectors)
+    def _distributed_data_pass_fn(self, rows):
+        initial = (tf.zeros_like(rows), tf.zeros([], dtype=tf.float64))
+        total, weight = _distribute.replica_sum(self.problem.strategy, self.problem.dataset,
+                                                self._shard_product_and_weight, initial, rows)
         tf.debugging.assert_positive(weight, message="The data has zero total sample weight (or no examples).")
         return total, weight
 
-    def _shard_product(self, shard, vectors):
-        return self._batch_product_fn(shard, self.space.unflatten(vectors))
+    def _shard_product(self, shard, rows):
+        return self._batch_product_fn(shard, self.space.unflatten(rows))
 
-    def _shard_product_and_weight(self, shard, vectors):
-        return self._shard_product(shard, vectors), tf.cast(tf.reduce_sum(shard[2]), tf.float64)
+    def _shard_product_and_weight(self, shard, rows):
+        return self._shard_product(shard, rows), tf.cast(tf.reduce_sum(shard[2]), tf.float64)
 
     def _distributed_gradient_pass_fn(self):
-        initial = (tf.zeros([self.space.size], self.dtype), tf.zeros([], dtype=tf.float64))
-        return _distribute.replica_sum(self.strategy, self.dataset, self._shard_gradient_and_weight, initial)
+        initial = (tf.zeros([self.size], self.dtype), tf.zeros([], dtype=tf.float64))
+        return _distribute.replica_sum(self.problem.strategy, self.problem.dataset,
+                                       self._shard_gradient_and_weight, initial)
 
     def _shard_gradient_and_weight(self, shard):
-        x, y, w = shard
-        with tf.GradientTape() as tape:
-            tape.watch(self._tf_vars)
-            loss = self.objective.weighted_loss_sum(x, y, w)
-        grads = tape.gradient(loss, self._tf_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return self.space.flatten(grads), tf.cast(tf.reduce_sum(w), tf.float64)
+        return self._batch_gradient(*shard), tf.cast(tf.reduce_sum(shard[2]), tf.float64)
 
-    def _regularizer_product(self, vectors):
-        if not self.objective.l2 and not _has_regularizers(self.model):
-            return tf.zeros_like(vectors)
-        products = _hvp.regularizer_curvature_product(
-            self.objective, self._tf_vars, self.selected_variables, self.space.unflatten(vectors))
-        return self.space.flatten(products, batch_dims=1)
+    def _batch_gradient(self, x, y, w):
+        tf_vars = self.problem.tf_variables
+        with tf.GradientTape() as tape:
+            tape.watch(tf_vars)
+            loss = self.problem.objective.weighted_loss_sum(x, y, w)
+        grads = tape.gradient(loss, tf_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return self.space.flatten(grads)
 
     def _gradient_pass_fn(self):
-        total = tf.zeros([self.space.size], self.dtype)
+        total = tf.zeros([self.size], self.dtype)
         weight = tf.zeros([], dtype=tf.float64)
-        for x, y, w in iter(self.dataset):  # an iterator: see _data_pass_fn
-            with tf.GradientTape() as tape:
-                tape.watch(self._tf_vars)
-                loss = self.objective.weighted_loss_sum(x, y, w)
-            grads = tape.gradient(loss, self._tf_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            total += self.space.flatten(grads)
+        for x, y, w in iter(self.problem.dataset):  # an iterator: see _data_pass_fn
+            total += self._batch_gradient(x, y, w)
             weight += tf.cast(tf.reduce_sum(w), tf.float64)
         return total, weight
 
+    def _regularizer_product(self, rows):
+        objective = self.problem.objective
+        if not objective.l2 and not objective.has_weight_regularizers:
+            return tf.zeros_like(rows)
+        products = _products.regularizer_curvature_product(
+            objective, self.problem.tf_variables, self.problem.variables, self.space.unflatten(rows))
+        return self.space.flatten(products, batch_dims=1)
+
     def _regularizer_gradient(self):
+        tf_vars = self.problem.tf_variables
         with tf.GradientTape() as tape:
-            tape.watch(self._tf_vars)
-            reg = self.objective.regularization(self.selected_variables)
-        grads = tape.gradient(reg, self._tf_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            tape.watch(tf_vars)
+            reg = self.problem.objective.regularization(self.problem.variables)
+        grads = tape.gradient(reg, tf_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return self.space.flatten(grads)
 
-    def _finite_difference(self, vectors):
-        originals = [tf.identity(v) for v in self._tf_vars]
+    def _finite_difference(self, rows):
+        tf_vars = self.problem.tf_variables
+        originals = [tf.identity(v) for v in tf_vars]
         unit_step = self.default_step()
-        rows = []
+        results = []
         try:
-            for v in tf.unstack(vectors):
+            for v in tf.unstack(rows):
                 v_norm = float(tf.linalg.norm(v))
                 if v_norm == 0:
-                    rows.append(tf.zeros_like(v))
+                    results.append(tf.zeros_like(v))
                     continue
                 r = self.step if self.step is not None else unit_step / v_norm
                 delta = self.space.unflatten(r * v)
-                for var, orig, d in zip(self._tf_vars, originals, delta):
+                for var, orig, d in zip(tf_vars, originals, delta):
                     var.assign(orig + d)
                 g_plus = self.gradient()
-                for var, orig, d in zip(self._tf_vars, originals, delta):
+                for var, orig, d in zip(tf_vars, originals, delta):
                     var.assign(orig - d)
                 g_minus = self.gradient()
-                rows.append((g_plus - g_minus) / (2 * r))
+                results.append((g_plus - g_minus) / (2 * r))
         finally:
-            for var, orig in zip(self._tf_vars, originals):
+            for var, orig in zip(tf_vars, originals):
                 var.assign(orig)
-        return tf.stack(rows)
-
-
-def _has_regularizers(model):
-    if hasattr(model, "_get_regularization_losses"):
-        return any(getattr(v, "regularizer", None) is not None for v in model.trainable_weights)
-    return bool(model.losses)
+        return tf.stack(results)
