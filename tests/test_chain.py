@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import dense_hessian, relative_error
+from tests.helpers import dense_hessian, relative_error
 
 import tf_influence as tfi
 from tf_influence.errors import InputError, NegativeCurvatureError, ResourceError, UnsupportedLayerError

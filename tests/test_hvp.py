@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import tf_influence as tfi
 from tests import models
-from tests.conftest import dense_hessian, relative_error
+from tests.helpers import dense_hessian, relative_error
 
 sce = functools.partial(keras.losses.sparse_categorical_crossentropy, from_logits=True)
 bce = functools.partial(keras.losses.binary_crossentropy, from_logits=True)

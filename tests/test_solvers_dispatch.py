@@ -8,14 +8,14 @@ import pytest
 import tensorflow as tf
 
 import tf_influence as tfi
-from tests import solver_helpers as sh
-from tests.solver_helpers import relative_error
+from tests import helpers as sh
+from tests.helpers import relative_error
 from tf_influence.solvers import CG, SOLVERS, Direct, LiSSA, ScipyNCG, inverse_hvp, make_solver
 
 
-@pytest.fixture(scope="module")
-def prob():
-    return sh.softmax_regression()
+@pytest.fixture
+def prob(softmax_regression):
+    return softmax_regression
 
 
 METHODS = {

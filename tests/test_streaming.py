@@ -1,9 +1,9 @@
 """Scores written to disk batch by batch: resumable after an interruption, bounded memory."""
 
 import json
+import pathlib
 import subprocess
 import sys
-import textwrap
 
 import keras
 import numpy as np
@@ -64,49 +64,14 @@ def test_resume_with_other_weights_is_refused(influence, tmp_path):
         tfi.score_to_file(inf, test, tmp_path / "scores.csv")
 
 
-_MEMORY = textwrap.dedent("""
-    import os, sys, threading, time
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    import keras, numpy as np, tensorflow as tf
-    import tf_influence as tfi
-    n = int(sys.argv[1])
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((32,)), keras.layers.Dense(16, activation="tanh"),
-                              keras.layers.Dense(4, name="head")])
-    def example(i):
-        g = tf.random.stateless_normal([32], seed=tf.stack([i, tf.constant(0, tf.int64)]))
-        return g, tf.math.floormod(i, 4), tf.constant(1.0)
-    train = tf.data.Dataset.range(n).map(example).batch(1000)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    inf = tfi.Influence(model, loss, train, variables="head", method="direct", damping=0.1,
-                        curvature="gauss_newton", progress=False)
-    test = tf.data.Dataset.range(n, n + 8).map(example).batch(8)
-
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    peak, running = [rss()], True
-    def sample():  # the resident set while scoring (ru_maxrss would be the import-time peak)
-        while running:
-            peak.append(rss())
-            time.sleep(0.005)
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    scores = tfi.score_to_file(inf, test, sys.argv[2])
-    running = False
-    sampler.join()
-    assert scores.shape == (8, n)
-    print(max(peak))
-""")
+MEMORY_SCRIPT = pathlib.Path(__file__).resolve().parent / "scripts" / "streaming_memory.py"
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_n_train(tmp_path):
-    script = tmp_path / "memory.py"
-    script.write_text(_MEMORY)
     peaks = {}
     for n in (10_000, 50_000):
-        result = subprocess.run([sys.executable, str(script), str(n), str(tmp_path / f"s{n}.npy")],
+        result = subprocess.run([sys.executable, str(MEMORY_SCRIPT), str(n), str(tmp_path / f"s{n}.npy")],
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         peaks[n] = int(result.stdout.strip().splitlines()[-1])

@@ -51,8 +51,9 @@ class EKFAC(Method):
         (Conv2D, Dense on sequences) are factored; "reduce" can fit better when pooling follows.
       factors: precomputed `Factors` to use instead of fitting (they must match the problem's
         model and variables).
-      residual_rows: how many right-hand sides to check against the exact operator (0: none; the
-        residual is then reported as NaN with `residual_is_estimate=True`).
+      residual_rows: how many right-hand sides to check against the exact operator (default 0:
+        none, so no exact curvature product is computed; the residual is then reported as NaN with
+        `residual_is_estimate=True`).
 
     Example:
       >>> H = tfi.HessianOperator(model, loss, train, curvature="gauss_newton", damping=1e-3)
@@ -66,7 +67,7 @@ class EKFAC(Method):
     dtype: str = "float64"
     weight_sharing: str = "expand"
     factors: Factors = None
-    residual_rows: int = 8
+    residual_rows: int = 0
     name: typing.ClassVar[str] = "ekfac"
     exact: typing.ClassVar[bool] = False
     factored: typing.ClassVar[bool] = True
