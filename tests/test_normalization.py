@@ -82,14 +82,20 @@ def _twin_forward(kind, norm, x, params):
 
 def _twin_hessian(kind, norm, x, y, values):
     shapes = [v.shape for v in values]
-    theta = tf.Variable(tf.concat([tf.reshape(v, [-1]) for v in values], 0))
     sizes = [int(np.prod(s)) for s in shapes]
-    with tf.GradientTape(persistent=True) as outer:
-        with tf.GradientTape() as inner:
-            params = [tf.reshape(p, s) for p, s in zip(tf.split(theta, sizes), shapes)]
-            loss = _loss(y, _twin_forward(kind, norm, x, params))
-        grad = inner.gradient(loss, theta)
-    return outer.jacobian(grad, theta, experimental_use_pfor=False).numpy()
+
+    @tf.function
+    def hessian(theta):
+        with tf.GradientTape() as outer:
+            outer.watch(theta)
+            with tf.GradientTape() as inner:
+                inner.watch(theta)
+                params = [tf.reshape(p, s) for p, s in zip(tf.split(theta, sizes), shapes)]
+                loss = _loss(y, _twin_forward(kind, norm, x, params))
+            grad = inner.gradient(loss, theta)
+        return outer.jacobian(grad, theta, experimental_use_pfor=False)
+
+    return hessian(tf.concat([tf.reshape(v, [-1]) for v in values], 0)).numpy()
 
 
 def _loss(y, out):

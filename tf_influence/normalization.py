@@ -12,24 +12,31 @@ derivative (the second derivative of the variance) misses the dependence of μ o
 
     TensorFlow: ∂²σ²/∂x∂xᵀ = (2/n) I          exact: (2/n) (I − 𝟙𝟙ᵀ/n)
 
-Both forward-over-back and back-over-back products differentiate that gradient graph, so the
-Hessian block of every parameter *before* the layer loses the term `bᵀ ∂²y/∂x²` through the
-variance (b: the gradient arriving at the layer's output); blocks that involve only the layer's
-own γ, β or later parameters are right. Affected in Keras 3:
+Both forward-over-back and back-over-back products differentiate that gradient graph (the jvp
+and the gradient of StopGradient are zero), so per normalisation group of n values the Hessian
+with respect to the layer input x loses exactly `(∂L/∂σ²) · (−2/n²) 𝟙𝟙ᵀ`, where
+`∂L/∂σ² = −½ (σ² + ε)^(−3/2) Σᵢ bᵢ γᵢ (xᵢ − μ)` and b is the gradient arriving at the output.
+Through the chain rule this corrupts the Hessian block of the parameters *before* the layer;
+blocks that involve only the layer's own γ, β or later parameters are right. Affected in Keras 3:
 
   * LayerNormalization (not with rms_scaling=True, which uses `reduce_variance`: exact),
   * GroupNormalization,
   * BatchNormalization in training mode without a mask (the masked path and synchronized=True
-    compute their moments without stop_gradient; inference uses the moving statistics).
+    compute their moments without stop_gradient; inference uses the moving statistics);
+    with renorm=True too, which this module does not fix (listed by `inexact_layers`).
+
+RMSNormalization and UnitNormalization have no mean to stop and are exact.
 
 `exact_second_derivatives(model)` replaces, for its duration, the `call` of every such layer
 instance by the same computation with `variance = mean((x − mean)²)` and no stop_gradient:
 identical forward values (the same operations minus an identity), identical first derivatives,
-right derivatives of every order. `inexact_layers` lists the layers it cannot fix.
+right derivatives of every order. `inexact_layers` lists the layers it cannot fix. tf-keras
+layers are handled by `tf_influence.normalization_tf_keras`.
 """
 
 import collections.abc
 import contextlib
+import dataclasses
 import sys
 import threading
 
@@ -37,15 +44,35 @@ import keras
 import tensorflow as tf
 
 _LOCK = threading.RLock()
-_ACTIVE = {}  # id(layer) -> [layer, depth, had_own_call, own_call]
+_ACTIVE = {}  # (id(layer), attribute) -> [layer, depth, had_own, own]
 
-# Methods each replacement re-implements; a subclass overriding any of them cannot be patched.
-_REPLACED_METHODS = {
-    keras.layers.LayerNormalization: ("call",),
-    keras.layers.GroupNormalization: ("call", "_reshape_into_groups", "_apply_normalization",
-                                      "_create_broadcast_shape"),
-    keras.layers.BatchNormalization: ("call", "_moments"),
-}
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """How one normalisation class is made exact.
+
+    Attributes:
+      base: the layer class.
+      attribute: the instance attribute replaced (a method name, usually "call").
+      replacement: `replacement(layer, original) -> function` with the signature of `original`.
+      methods: methods the replacement re-implements; a subclass overriding one is left alone.
+      training_only: True where the layer uses batch moments only in training mode.
+      needed: `needed(layer) -> bool`, False where the layer is exact already.
+      unfixed: `unfixed(layer, training) -> bool`, True where the replacement falls back to a
+        path whose second derivatives stay wrong.
+    """
+
+    base: type
+    attribute: str
+    replacement: object
+    methods: tuple
+    training_only: bool = False
+    needed: object = lambda layer: True
+    unfixed: object = lambda layer, training: False
+
+    def overridden(self, layer):
+        return any(getattr(type(layer), name, None) is not getattr(self.base, name, None)
+                   for name in self.methods)
 
 
 @contextlib.contextmanager
@@ -65,39 +92,43 @@ def exact_second_derivatives(model):
     context); a graph traced earlier keeps the original `call`. A graph traced inside keeps the
     exact formulation after the context exits, which computes the same values.
 
-    Layers listed by `inexact_layers(model, training=True)` are left as they are.
+    Layers listed by `inexact_layers(model, training=True)` are not made exact.
 
     Args:
-      model: a Keras 3 layer or model.
+      model: a Keras 3 or tf-keras layer or model.
 
     Yields:
-      The tuple of layers whose `call` is replaced.
+      The tuple of layers that were patched.
 
     Example:
       >>> with exact_second_derivatives(model):
       ...     hv = tfi.hvp.forward_over_back(lambda: loss(y, model(x, training=True)), params, v)
     """
-    layers = [layer for layer in iter_layers(model) if _fixable(layer)]
+    targets = []
+    for layer in iter_layers(model):
+        rule = _rule(layer)
+        if rule is not None and not rule.overridden(layer) and rule.needed(layer):
+            targets.append((layer, rule))
     entered = []
     try:
         with _LOCK:
-            for layer in layers:
-                _patch(layer)
-                entered.append(layer)
-        yield tuple(layers)
+            for layer, rule in targets:
+                _patch(layer, rule)
+                entered.append((layer, rule))
+        yield tuple(layer for layer, _ in targets)
     finally:
         with _LOCK:
-            for layer in reversed(entered):
-                _unpatch(layer)
+            for layer, rule in reversed(entered):
+                _unpatch(layer, rule.attribute)
 
 
 def inexact_layers(model, *, training=False):
     """Layers whose second derivatives stay wrong inside `exact_second_derivatives`.
 
-    These are subclasses of LayerNormalization, GroupNormalization or BatchNormalization that
-    override a method the replacement re-implements (their own formulas are unknown), tf-keras
-    (Keras 2) normalisation layers, and, when `training` is True, BatchNormalization with
-    renorm=True. A library that offers exact Hessian products can refuse exactly these.
+    These are subclasses of the normalisation layers that override a method the replacement
+    re-implements (their own formulas are unknown) and, when `training` is True,
+    BatchNormalization with renorm=True (Keras 3) or synchronized=True (tf-keras). A library
+    that offers exact Hessian products can refuse exactly these.
 
     Args:
       model: a Keras layer or model.
@@ -111,7 +142,14 @@ def inexact_layers(model, *, training=False):
       >>> [layer.name for layer in inexact_layers(model, training=True)]
       []
     """
-    return [layer for layer in iter_layers(model) if _inexact(layer, training)]
+    found = []
+    for layer in iter_layers(model):
+        rule = _rule(layer)
+        if rule is None or not rule.needed(layer):
+            continue
+        if (training or not rule.training_only) and (rule.overridden(layer) or rule.unfixed(layer, training)):
+            found.append(layer)
+    return found
 
 
 def iter_layers(model):
@@ -155,69 +193,41 @@ def _is_layer(obj):
     return tf_keras is not None and isinstance(obj, tf_keras.layers.Layer)
 
 
-def _base_class(layer):
-    for base in _REPLACED_METHODS:
-        if isinstance(layer, base):
-            return base
+def _rule(layer):
+    rules = _RULES
+    if "tf_keras" in sys.modules and not isinstance(layer, keras.layers.Layer):
+        from tf_influence.normalization_tf_keras import RULES as rules  # noqa: N811
+    for rule in rules:
+        if isinstance(layer, rule.base):
+            return rule
     return None
 
 
-def _overrides(layer, base):
-    return any(getattr(type(layer), name) is not getattr(base, name) for name in _REPLACED_METHODS[base])
-
-
-def _fixable(layer):
-    base = _base_class(layer)
-    if base is None or _overrides(layer, base):
-        return False
-    if base is keras.layers.LayerNormalization:
-        return not layer.rms_scaling
-    return True
-
-
-def _inexact(layer, training):
-    base = _base_class(layer)
-    if base is not None:
-        if _overrides(layer, base):
-            return base is not keras.layers.BatchNormalization or training
-        return base is keras.layers.BatchNormalization and training and layer.renorm
-    kind = type(layer).__name__
-    module = type(layer).__module__
-    if module.startswith("tf_keras"):
-        return kind in ("LayerNormalization", "GroupNormalization") or (
-            training and kind in ("BatchNormalization", "SyncBatchNormalization"))
-    return False
-
-
-def _patch(layer):
-    entry = _ACTIVE.get(id(layer))
+def _patch(layer, rule):
+    key = (id(layer), rule.attribute)
+    entry = _ACTIVE.get(key)
     if entry is not None:
         entry[1] += 1
         return
-    had_own_call = "call" in layer.__dict__
-    own_call = layer.__dict__.get("call")
-    original = layer.call
-    base = _base_class(layer)
-    replacement = {
-        keras.layers.LayerNormalization: _layer_norm_call,
-        keras.layers.GroupNormalization: _group_norm_call,
-        keras.layers.BatchNormalization: _batch_norm_call,
-    }[base](layer, original)
-    _ACTIVE[id(layer)] = [layer, 1, had_own_call, own_call]
-    object.__setattr__(layer, "call", replacement)
+    had_own = rule.attribute in layer.__dict__
+    own = layer.__dict__.get(rule.attribute)
+    replacement = rule.replacement(layer, getattr(layer, rule.attribute))
+    _ACTIVE[key] = [layer, 1, had_own, own]
+    object.__setattr__(layer, rule.attribute, replacement)
 
 
-def _unpatch(layer):
-    entry = _ACTIVE[id(layer)]
+def _unpatch(layer, attribute):
+    key = (id(layer), attribute)
+    entry = _ACTIVE[key]
     entry[1] -= 1
     if entry[1]:
         return
-    del _ACTIVE[id(layer)]
-    _, _, had_own_call, own_call = entry
-    if had_own_call:
-        object.__setattr__(layer, "call", own_call)
+    del _ACTIVE[key]
+    _, _, had_own, own = entry
+    if had_own:
+        object.__setattr__(layer, attribute, own)
     else:
-        object.__delattr__(layer, "call")
+        object.__delattr__(layer, attribute)
 
 
 def moments(x, axes):
@@ -350,3 +360,13 @@ def _batch_norm_call(layer, original):
         return tf.cast(outputs, layer.compute_dtype)
 
     return call
+
+
+_RULES = (
+    Rule(keras.layers.LayerNormalization, "call", _layer_norm_call, ("call",),
+         needed=lambda layer: not layer.rms_scaling),
+    Rule(keras.layers.GroupNormalization, "call", _group_norm_call,
+         ("call", "_reshape_into_groups", "_apply_normalization", "_create_broadcast_shape")),
+    Rule(keras.layers.BatchNormalization, "call", _batch_norm_call, ("call", "_moments"), training_only=True,
+         unfixed=lambda layer, training: training and layer.renorm),
+)
