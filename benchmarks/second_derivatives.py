@@ -8,7 +8,8 @@ whose error is O(r⁴) for smooth models. The column `fd noise` is ‖F(r) − F
 the finite differences' own uncertainty: an HVP error far above it is a real error. The HVP is
 taken once as TensorFlow computes it and once inside `exact_second_derivatives(model)`.
 
-Not a timing script. Run: python benchmarks/second_derivatives.py [--vectors 2] [--step 1e-3] [--only Normalization]
+Not a timing script. Run:
+    python benchmarks/second_derivatives.py [--vectors 2] [--step 1e-3] [--only Normalization]
 """
 
 import argparse
@@ -45,10 +46,11 @@ def _model(shape, layer, *, pre=True, tanh_after=False):
     return keras.Model(inputs, _head(h))
 
 
-def _attention(shape):
+def _attention(shape, layer):
     inputs = keras.Input(shape)
     h = L.Dense(shape[-1], activation="tanh")(inputs)
-    return keras.Model(inputs, _head(L.MultiHeadAttention(2, 3)(h, h)))
+    h = layer([h, h]) if isinstance(layer, (L.Attention, L.AdditiveAttention)) else layer(h, h)
+    return keras.Model(inputs, _head(h))
 
 
 def _embedding():
@@ -64,37 +66,52 @@ def _masked_batch_norm():
     return keras.Model(inputs, L.Dense(2)(h))
 
 
-# name, builder, input shape (None: integer tokens), training
+def _act(cls, *args, **kwargs):
+    """A builder: the layer `cls(*args, **kwargs)` followed by tanh (it has no nonlinearity)."""
+    return lambda shape: _model(shape, cls(*args, **kwargs), tanh_after=True)
+
+
+def _plain(cls, *args, **kwargs):
+    return lambda shape: _model(shape, cls(*args, **kwargs))
+
+
+# name, input shape (None: integer tokens), builder(shape) -> model, training
 CASES = [
-    ("Dense", lambda: _model((5,), L.Dense(4), tanh_after=True), (5,), False),
-    ("EinsumDense", lambda: _model((5,), L.EinsumDense("ab,bc->ac", 4, bias_axes="c"), tanh_after=True),
-     (5,), False),
-    ("Conv1D", lambda: _model((6, 2), L.Conv1D(3, 2), tanh_after=True), (6, 2), False),
-    ("Conv2D", lambda: _model((4, 4, 2), L.Conv2D(3, 2), tanh_after=True), (4, 4, 2), False),
-    ("Conv3D", lambda: _model((3, 3, 3, 2), L.Conv3D(2, 2), tanh_after=True), (3, 3, 3, 2), False),
-    ("Conv2DTranspose", lambda: _model((3, 3, 2), L.Conv2DTranspose(2, 2), tanh_after=True), (3, 3, 2), False),
-    ("DepthwiseConv2D", lambda: _model((4, 4, 2), L.DepthwiseConv2D(2), tanh_after=True), (4, 4, 2), False),
-    ("SeparableConv2D", lambda: _model((4, 4, 2), L.SeparableConv2D(3, 2), tanh_after=True), (4, 4, 2), False),
-    ("Embedding", _embedding, None, False),
-    ("LayerNormalization", lambda: _model((5,), L.LayerNormalization()), (5,), False),
-    ("LayerNormalization(rms_scaling)", lambda: _model((5,), L.LayerNormalization(rms_scaling=True)),
-     (5,), False),
-    ("RMSNormalization", lambda: _model((5,), L.RMSNormalization()), (5,), False),
-    ("BatchNormalization (inference)", lambda: _model((5,), L.BatchNormalization()), (5,), False),
-    ("BatchNormalization (training)", lambda: _model((5,), L.BatchNormalization()), (5,), True),
-    ("BatchNormalization (training, mask)", _masked_batch_norm, None, True),
-    ("BatchNormalization (training, synchronized)",
-     lambda: _model((5,), L.BatchNormalization(synchronized=True)), (5,), True),
-    ("BatchNormalization (training, renorm)", lambda: _model((5,), L.BatchNormalization(renorm=True)),
-     (5,), True),
-    ("GroupNormalization", lambda: _model((4,), L.GroupNormalization(2)), (4,), False),
-    ("UnitNormalization", lambda: _model((5,), L.UnitNormalization()), (5,), False),
-    ("MultiHeadAttention", lambda: _attention((4, 6)), (4, 6), False),
-    ("SimpleRNN", lambda: _model((4, 3), L.SimpleRNN(4)), (4, 3), False),
-    ("GRU", lambda: _model((4, 3), L.GRU(4)), (4, 3), False),
-    ("LSTM", lambda: _model((4, 3), L.LSTM(4)), (4, 3), False),
-    ("PReLU", lambda: _model((5,), L.PReLU(alpha_initializer=keras.initializers.Constant(0.3))),
-     (5,), False),
+    ("Dense", (5,), _act(L.Dense, 4), False),
+    ("EinsumDense", (5,), _act(L.EinsumDense, "ab,bc->ac", 4, bias_axes="c"), False),
+    ("Conv1D", (6, 2), _act(L.Conv1D, 3, 2), False),
+    ("Conv2D", (4, 4, 2), _act(L.Conv2D, 3, 2), False),
+    ("Conv3D", (3, 3, 3, 2), _act(L.Conv3D, 2, 2), False),
+    ("Conv2DTranspose", (3, 3, 2), _act(L.Conv2DTranspose, 2, 2), False),
+    ("DepthwiseConv2D", (4, 4, 2), _act(L.DepthwiseConv2D, 2), False),
+    ("SeparableConv2D", (4, 4, 2), _act(L.SeparableConv2D, 3, 2), False),
+    ("Embedding", None, lambda shape: _embedding(), False),
+    ("LayerNormalization", (5,), _plain(L.LayerNormalization), False),
+    ("LayerNormalization(rms_scaling)", (5,), _plain(L.LayerNormalization, rms_scaling=True), False),
+    ("RMSNormalization", (5,), _plain(L.RMSNormalization), False),
+    ("BatchNormalization (inference)", (5,), _plain(L.BatchNormalization), False),
+    ("BatchNormalization (training)", (5,), _plain(L.BatchNormalization), True),
+    ("BatchNormalization (training, mask)", None, lambda shape: _masked_batch_norm(), True),
+    ("BatchNormalization (training, synchronized)", (5,), _plain(L.BatchNormalization, synchronized=True),
+     True),
+    ("BatchNormalization (training, renorm)", (5,), _plain(L.BatchNormalization, renorm=True), True),
+    ("GroupNormalization", (4,), _plain(L.GroupNormalization, 2), False),
+    ("UnitNormalization", (5,), _plain(L.UnitNormalization), False),
+    ("MultiHeadAttention", (4, 6), lambda shape: _attention(shape, L.MultiHeadAttention(2, 3)), False),
+    ("SimpleRNN", (4, 3), _plain(L.SimpleRNN, 4), False),
+    ("GRU", (4, 3), _plain(L.GRU, 4), False),
+    ("LSTM", (4, 3), _plain(L.LSTM, 4), False),
+    ("PReLU", (5,), _plain(L.PReLU, alpha_initializer=keras.initializers.Constant(0.3)), False),
+    # more families with weights
+    ("Conv1DTranspose", (4, 2), _act(L.Conv1DTranspose, 2, 2), False),
+    ("Conv3DTranspose", (2, 2, 2, 2), _act(L.Conv3DTranspose, 2, 2), False),
+    ("DepthwiseConv1D", (5, 2), _act(L.DepthwiseConv1D, 2), False),
+    ("SeparableConv1D", (5, 2), _act(L.SeparableConv1D, 3, 2), False),
+    ("Bidirectional(LSTM)", (4, 3), lambda shape: _model(shape, L.Bidirectional(L.LSTM(3))), False),
+    ("ConvLSTM1D", (3, 4, 2), _plain(L.ConvLSTM1D, 2, 2), False),
+    ("GroupedQueryAttention", (4, 6), lambda shape: _attention(shape, L.GroupQueryAttention(3, 2, 1)), False),
+    ("Attention(use_scale)", (4, 6), lambda shape: _attention(shape, L.Attention(use_scale=True)), False),
+    ("AdditiveAttention", (4, 6), lambda shape: _attention(shape, L.AdditiveAttention()), False),
 ]
 
 
@@ -112,7 +129,9 @@ def _flat(parts):
 
 def scan_one(build, shape, training, rng, *, vectors, step):
     keras.utils.set_random_seed(0)
-    model = build()
+    model = build(shape)
+    if any(v.dtype != "float64" for v in model.weights):
+        raise RuntimeError(f"{model.name} has weights that are not float64: build layers inside the builder")
     for v in model.trainable_variables:  # away from initial values (γ = 1, β = 0, PReLU α = 0.3)
         v.assign(v + 0.3 * rng.standard_normal(v.shape))
     x, y = _data(shape, rng)
@@ -155,10 +174,11 @@ def scan_one(build, shape, training, rng, *, vectors, step):
         coarse, reference = richardson(direction, step), richardson(direction, step / 2)
         scale = np.linalg.norm(reference)
         noise.append(np.linalg.norm(coarse - reference) / scale)
-        errors_plain.append(np.linalg.norm(_flat(forward_over_back(objective, variables, direction)) - reference) / scale)
+        plain = _flat(forward_over_back(objective, variables, direction))
         with exact_second_derivatives(model) as patched:
-            hv = _flat(forward_over_back(objective, variables, direction))
-        errors_exact.append(np.linalg.norm(hv - reference) / scale)
+            exact = _flat(forward_over_back(objective, variables, direction))
+        errors_plain.append(np.linalg.norm(plain - reference) / scale)
+        errors_exact.append(np.linalg.norm(exact - reference) / scale)
     for v, value in state:
         v.assign(value)
     return (max(errors_plain), max(errors_exact), max(noise), len(patched),
@@ -181,7 +201,7 @@ def main():
           f"max over {args.vectors} unit vectors; TF {tf.__version__}, Keras {keras.__version__}")
     print(header)
     print("-" * len(header))
-    for name, build, shape, training in CASES:
+    for name, shape, build, training in CASES:
         if args.only not in name:
             continue
         plain, exact, noise, patched, inexact, params = scan_one(build, shape, training, rng,

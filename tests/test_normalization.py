@@ -12,94 +12,10 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import relative_error
-from tf_influence.hvp import back_over_back, forward_over_back
+from tests.normalization_twins import (batch_norm_twin, flat, group_norm_twin, layer_norm_twin, make_data,
+                                       mse, products, split, twin_hessian)
+from tf_influence.hvp import forward_over_back
 from tf_influence.normalization import exact_second_derivatives, inexact_layers, iter_layers
-
-N = 6
-
-
-# ---------------------------------------------------------------- twins (plain TensorFlow)
-
-def _dense(h, kernel, bias):
-    return tf.tensordot(h, kernel, 1) + bias
-
-
-def _normalize(h, axes, eps):
-    mean = tf.reduce_mean(h, axes, keepdims=True)
-    variance = tf.reduce_mean((h - mean) ** 2, axes, keepdims=True)
-    return (h - mean) / tf.sqrt(variance + eps)
-
-
-def _affine(h, params, shape, scale, center):
-    if scale:
-        h = h * tf.reshape(next(params), shape)
-    if center:
-        h = h + tf.reshape(next(params), shape)
-    return h
-
-
-def _layer_norm_twin(axes, center, scale, rms=False, eps=1e-3):
-    def norm(h, params):
-        shape = [1] * len(h.shape)
-        for a in axes:
-            shape[a] = h.shape[a]
-        if rms:  # Keras' deprecated rms_scaling: x / sqrt(var(x) + eps) * gamma, no centring
-            mean = tf.reduce_mean(h, axes, keepdims=True)
-            return h / tf.sqrt(tf.reduce_mean((h - mean) ** 2, axes, keepdims=True) + eps) * tf.reshape(
-                next(params), shape)
-        return _affine(_normalize(h, axes, eps), params, shape, scale, center)
-    return norm
-
-
-def _group_norm_twin(groups, eps=1e-3):
-    def norm(h, params):
-        channels = h.shape[-1]
-        grouped = tf.reshape(h, [-1, *h.shape[1:-1], groups, channels // groups])
-        axes = [a for a in range(1, len(grouped.shape)) if a != len(grouped.shape) - 2]
-        h = tf.reshape(_normalize(grouped, axes, eps), [-1, *h.shape[1:]])
-        return _affine(h, params, [channels], True, True)
-    return norm
-
-
-def _batch_norm_twin(eps=1e-3):
-    def norm(h, params):
-        h = _normalize(h, list(range(len(h.shape) - 1)), eps)
-        return _affine(h, params, [h.shape[-1]], True, True)
-    return norm
-
-
-def _twin_forward(kind, norm, x, params):
-    params = iter(params)
-    if kind == "conv":
-        kernel, bias = next(params), next(params)
-        h = tf.tanh(tf.nn.conv2d(x, kernel, strides=1, padding="VALID") + bias)
-    else:
-        h = tf.tanh(_dense(x, next(params), next(params)))
-    h = norm(h, params)
-    h = tf.reshape(h, [h.shape[0], -1])
-    return _dense(h, next(params), next(params))
-
-
-def _twin_hessian(kind, norm, x, y, values):
-    shapes = [v.shape for v in values]
-    sizes = [int(np.prod(s)) for s in shapes]
-
-    @tf.function
-    def hessian(theta):
-        with tf.GradientTape() as outer:
-            outer.watch(theta)
-            with tf.GradientTape() as inner:
-                inner.watch(theta)
-                params = [tf.reshape(p, s) for p, s in zip(tf.split(theta, sizes), shapes)]
-                loss = _loss(y, _twin_forward(kind, norm, x, params))
-            grad = inner.gradient(loss, theta)
-        return outer.jacobian(grad, theta, experimental_use_pfor=False)
-
-    return hessian(tf.concat([tf.reshape(v, [-1]) for v in values], 0)).numpy()
-
-
-def _loss(y, out):
-    return tf.reduce_mean(tf.reduce_sum((out - y) ** 2, axis=-1))
 
 
 # ---------------------------------------------------------------- Keras models
@@ -118,32 +34,27 @@ def _keras_model(kind, norm_layer):
     return keras.Model(inputs, keras.layers.Dense(2)(h))
 
 
-def _inputs(kind, rng):
-    shape = {"conv": (N, 5, 5, 2), "sequence": (N, 4, 3), "dense": (N, 5)}[kind]
-    return tf.constant(rng.standard_normal(shape)), tf.constant(rng.standard_normal((N, 2)))
-
-
 def _randomize(model, rng):
     for v in model.trainable_variables:  # γ ≠ 1, β ≠ 0 so that they matter
         v.assign(rng.standard_normal(v.shape) * 0.7 + (1.0 if "gamma" in v.path else 0.0))
 
 
 CASES = {
-    "layer_norm": ("dense", lambda: keras.layers.LayerNormalization(), _layer_norm_twin([-1], True, True)),
+    "layer_norm": ("dense", lambda: keras.layers.LayerNormalization(), layer_norm_twin([-1], True, True)),
     "layer_norm_no_center": ("dense", lambda: keras.layers.LayerNormalization(center=False),
-                             _layer_norm_twin([-1], False, True)),
+                             layer_norm_twin([-1], False, True)),
     "layer_norm_no_scale": ("dense", lambda: keras.layers.LayerNormalization(scale=False),
-                            _layer_norm_twin([-1], True, False)),
+                            layer_norm_twin([-1], True, False)),
     "layer_norm_bare": ("dense", lambda: keras.layers.LayerNormalization(center=False, scale=False),
-                        _layer_norm_twin([-1], False, False)),
+                        layer_norm_twin([-1], False, False)),
     "layer_norm_two_axes": ("sequence", lambda: keras.layers.LayerNormalization(axis=[1, 2]),
-                            _layer_norm_twin([1, 2], True, True)),
+                            layer_norm_twin([1, 2], True, True)),
     "layer_norm_middle_axis": ("sequence", lambda: keras.layers.LayerNormalization(axis=1),
-                               _layer_norm_twin([1], True, True)),
-    "batch_norm_dense": ("dense", lambda: keras.layers.BatchNormalization(), _batch_norm_twin()),
-    "batch_norm_conv": ("conv", lambda: keras.layers.BatchNormalization(), _batch_norm_twin()),
-    "group_norm_dense": ("dense", lambda: keras.layers.GroupNormalization(groups=3), _group_norm_twin(3)),
-    "group_norm_conv": ("conv", lambda: keras.layers.GroupNormalization(groups=3), _group_norm_twin(3)),
+                               layer_norm_twin([1], True, True)),
+    "batch_norm_dense": ("dense", lambda: keras.layers.BatchNormalization(), batch_norm_twin()),
+    "batch_norm_conv": ("conv", lambda: keras.layers.BatchNormalization(), batch_norm_twin()),
+    "group_norm_dense": ("dense", lambda: keras.layers.GroupNormalization(groups=3), group_norm_twin(3)),
+    "group_norm_conv": ("conv", lambda: keras.layers.GroupNormalization(groups=3), group_norm_twin(3)),
 }
 
 
@@ -151,40 +62,12 @@ def _setup(name, rng):
     kind, make_layer, norm = CASES[name]
     model = _keras_model(kind, make_layer())
     _randomize(model, rng)
-    x, y = _inputs(kind, rng)
+    x, y = make_data(kind, rng)
     training = name.startswith("batch_norm")
     variables = [v.value for v in model.trainable_variables]
-    H = _twin_hessian(kind, norm, x, y, [tf.convert_to_tensor(v) for v in variables])
-    objective = lambda: _loss(y, model(x, training=training))  # noqa: E731
+    H = twin_hessian(kind, norm, x, y, [tf.convert_to_tensor(v) for v in variables])
+    objective = lambda: mse(y, model(x, training=training))  # noqa: E731
     return model, objective, variables, H
-
-
-def _flat(parts):
-    return np.concatenate([np.reshape(p, [-1]) for p in parts])
-
-
-def _split(vector, variables):
-    sizes = [int(np.prod(v.shape)) for v in variables]
-    return [tf.constant(np.reshape(p, v.shape)) for p, v in zip(np.split(vector, np.cumsum(sizes)[:-1]), variables)]
-
-
-def _products(model, objective, variables, vectors, *, patched):
-    """Forward-over-back and back-over-back products for each row of `vectors`."""
-    tangents = [_split(v, variables) for v in vectors]
-    stacked = [tf.stack(parts) for parts in zip(*tangents)]
-    with exact_second_derivatives(model) if patched else _no_patch():
-        fob = np.stack([_flat(forward_over_back(objective, variables, t)) for t in tangents])
-        bob = np.stack([_flat([p[j] for p in back_over_back(objective, variables, stacked)])
-                        for j in range(len(vectors))])
-    return fob, bob
-
-
-class _no_patch:
-    def __enter__(self):
-        return ()
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -200,10 +83,10 @@ def test_hessian_products_match_twin(name, float64, rng):
     model, objective, variables, H = _setup(name, rng)
     vectors = rng.standard_normal((2, H.shape[0]))
     reference = vectors @ H
-    fob, bob = _products(model, objective, variables, vectors, patched=True)
+    fob, bob = products(model, objective, variables, vectors, patched=True)
     assert relative_error(fob, reference) <= 1e-8
     assert relative_error(bob, reference) <= 1e-8
-    fob, bob = _products(model, objective, variables, vectors, patched=False)
+    fob, bob = products(model, objective, variables, vectors, patched=False)
     assert relative_error(fob, reference) > 1e-3
     assert relative_error(bob, reference) > 1e-3
 
@@ -213,14 +96,14 @@ def test_rms_scaling_is_exact_and_left_alone(float64, rng):
     """LayerNormalization(rms_scaling=True) uses reduce_variance (no stop_gradient): not patched."""
     model = _keras_model("dense", keras.layers.LayerNormalization(rms_scaling=True))
     _randomize(model, rng)
-    x, y = _inputs("dense", rng)
+    x, y = make_data("dense", rng)
     variables = [v.value for v in model.trainable_variables]
-    H = _twin_hessian("dense", _layer_norm_twin([-1], False, True, rms=True), x, y,
+    H = twin_hessian("dense", layer_norm_twin([-1], False, True, rms=True), x, y,
                       [tf.convert_to_tensor(v) for v in variables])
     vectors = rng.standard_normal((2, H.shape[0]))
-    objective = lambda: _loss(y, model(x))  # noqa: E731
+    objective = lambda: mse(y, model(x))  # noqa: E731
     for patched in (False, True):
-        fob, bob = _products(model, objective, variables, vectors, patched=patched)
+        fob, bob = products(model, objective, variables, vectors, patched=patched)
         assert relative_error(fob, vectors @ H) <= 1e-8
         assert relative_error(bob, vectors @ H) <= 1e-8
     with exact_second_derivatives(model) as patched_layers:
@@ -232,7 +115,7 @@ def test_outputs_and_gradients_unchanged(name, float64, rng):
     kind, make_layer, _ = CASES[name]
     model = _keras_model(kind, make_layer())
     _randomize(model, rng)
-    x, y = _inputs(kind, rng)
+    x, y = make_data(kind, rng)
     training = name.startswith("batch_norm")
     norm = model.layers[2]
 
@@ -240,8 +123,9 @@ def test_outputs_and_gradients_unchanged(name, float64, rng):
         with tf.GradientTape() as tape:
             outputs = model(x, training=training)
             layer_out = norm(model.layers[1](x), training=training)
-            loss = _loss(y, outputs)
-        return outputs.numpy(), layer_out.numpy(), [g.numpy() for g in tape.gradient(loss, model.trainable_variables)]
+            loss = mse(y, outputs)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        return outputs.numpy(), layer_out.numpy(), [g.numpy() for g in gradients]
 
     before = run()
     with exact_second_derivatives(model) as patched_layers:
@@ -249,7 +133,7 @@ def test_outputs_and_gradients_unchanged(name, float64, rng):
         during = run()
     np.testing.assert_array_equal(during[0], before[0])
     np.testing.assert_array_equal(during[1], before[1])
-    assert relative_error(_flat(during[2]), _flat(before[2])) <= 1e-13
+    assert relative_error(flat(during[2]), flat(before[2])) <= 1e-13
 
 
 def test_call_restored_after_exception_and_nesting(float64):
@@ -294,7 +178,7 @@ def test_exact_inside_tf_function(float64, rng):
     """The patch is active while the function is traced; the graph then stays exact."""
     model, objective, variables, H = _setup("layer_norm", rng)
     vectors = rng.standard_normal((1, H.shape[0]))
-    tangent = _split(vectors[0], variables)
+    tangent = split(vectors[0], variables)
 
     @tf.function
     def exact_hvp(t):
@@ -305,14 +189,14 @@ def test_exact_inside_tf_function(float64, rng):
     def plain_hvp(t):
         return forward_over_back(objective, variables, t)
 
-    assert relative_error(_flat([h.numpy() for h in exact_hvp(tangent)]), vectors[0] @ H) <= 1e-8
+    assert relative_error(flat([h.numpy() for h in exact_hvp(tangent)]), vectors[0] @ H) <= 1e-8
     assert "call" not in vars(model.layers[2])
-    assert relative_error(_flat([h.numpy() for h in plain_hvp(tangent)]), vectors[0] @ H) > 1e-3
+    assert relative_error(flat([h.numpy() for h in plain_hvp(tangent)]), vectors[0] @ H) > 1e-3
     with exact_second_derivatives(model):
         traced_inside = tf.function(lambda t: forward_over_back(objective, variables, t))
-        assert relative_error(_flat([h.numpy() for h in traced_inside(tangent)]), vectors[0] @ H) <= 1e-8
+        assert relative_error(flat([h.numpy() for h in traced_inside(tangent)]), vectors[0] @ H) <= 1e-8
     # traced inside the context, called after it: the graph keeps the exact formulation
-    assert relative_error(_flat([h.numpy() for h in traced_inside(tangent)]), vectors[0] @ H) <= 1e-8
+    assert relative_error(flat([h.numpy() for h in traced_inside(tangent)]), vectors[0] @ H) <= 1e-8
 
 
 class _Block(keras.layers.Layer):
@@ -333,13 +217,13 @@ def test_nested_model_and_custom_block(float64, rng):
     inner = keras.Model(inner_in, _Block()(inner_in))
     outer = keras.Sequential([keras.Input((5,)), inner, keras.layers.Dense(2)])
     _randomize(outer, rng)
-    x, y = _inputs("dense", rng)
+    x, y = make_data("dense", rng)
     variables = [v.value for v in outer.trainable_variables]
-    H = _twin_hessian("dense", _layer_norm_twin([-1], True, True), x, y,
+    H = twin_hessian("dense", layer_norm_twin([-1], True, True), x, y,
                       [tf.convert_to_tensor(v) for v in variables])
     vectors = rng.standard_normal((2, H.shape[0]))
-    objective = lambda: _loss(y, outer(x))  # noqa: E731
-    fob, bob = _products(outer, objective, variables, vectors, patched=True)
+    objective = lambda: mse(y, outer(x))  # noqa: E731
+    fob, bob = products(outer, objective, variables, vectors, patched=True)
     assert relative_error(fob, vectors @ H) <= 1e-8
     assert relative_error(bob, vectors @ H) <= 1e-8
     norm = inner.layers[1].stages[0]
@@ -394,7 +278,7 @@ def test_mixed_precision_outputs_unchanged(name, policy, rng):
     try:
         kind, make_layer, _ = CASES[name]
         model = _keras_model(kind, make_layer())
-        x, _ = _inputs(kind, rng)
+        x, _ = make_data(kind, rng)
         training = name.startswith("batch_norm")
         before = model(x, training=training)
         with exact_second_derivatives(model):

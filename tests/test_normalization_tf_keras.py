@@ -5,8 +5,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import relative_error
-from tests.test_normalization import (_batch_norm_twin, _inputs, _layer_norm_twin, _loss, _products,
-                                      _twin_hessian)
+from tests.normalization_twins import batch_norm_twin, layer_norm_twin, make_data, mse, products, twin_hessian
 from tf_influence.normalization import exact_second_derivatives, inexact_layers, iter_layers
 
 tf_keras = pytest.importorskip("tf_keras")
@@ -34,11 +33,11 @@ def _model(kind, norm_layer):
 
 
 CASES = {
-    "layer_norm": ("dense", lambda: L.LayerNormalization(), _layer_norm_twin([-1], True, True)),
+    "layer_norm": ("dense", lambda: L.LayerNormalization(), layer_norm_twin([-1], True, True)),
     "layer_norm_two_axes": ("sequence", lambda: L.LayerNormalization(axis=[1, 2]),
-                            _layer_norm_twin([1, 2], True, True)),
-    "batch_norm_dense": ("dense", lambda: L.BatchNormalization(), _batch_norm_twin()),
-    "batch_norm_conv": ("conv", lambda: L.BatchNormalization(), _batch_norm_twin()),
+                            layer_norm_twin([1, 2], True, True)),
+    "batch_norm_dense": ("dense", lambda: L.BatchNormalization(), batch_norm_twin()),
+    "batch_norm_conv": ("conv", lambda: L.BatchNormalization(), batch_norm_twin()),
 }
 
 
@@ -51,17 +50,17 @@ def test_hessian_products_match_twin(name, tfk_float64, rng):
     model = _model(kind, make_layer())
     for v in model.trainable_variables:
         v.assign(rng.standard_normal(v.shape) * 0.7 + (1.0 if "gamma" in v.name else 0.0))
-    x, y = _inputs(kind, rng)
+    x, y = make_data(kind, rng)
     training = name.startswith("batch_norm")
     variables = list(model.trainable_variables)
-    H = _twin_hessian(kind, norm, x, y, [tf.convert_to_tensor(v) for v in variables])
+    H = twin_hessian(kind, norm, x, y, [tf.convert_to_tensor(v) for v in variables])
     vectors = rng.standard_normal((2, H.shape[0]))
-    objective = lambda: _loss(y, model(x, training=training))  # noqa: E731
+    objective = lambda: mse(y, model(x, training=training))  # noqa: E731
     before = model(x, training=training).numpy()
-    fob, bob = _products(model, objective, variables, vectors, patched=True)
+    fob, bob = products(model, objective, variables, vectors, patched=True)
     assert relative_error(fob, vectors @ H) <= 1e-8
     assert relative_error(bob, vectors @ H) <= 1e-8
-    fob, bob = _products(model, objective, variables, vectors, patched=False)
+    fob, bob = products(model, objective, variables, vectors, patched=False)
     assert relative_error(fob, vectors @ H) > 1e-3
     assert relative_error(bob, vectors @ H) > 1e-3
     with exact_second_derivatives(model) as patched_layers:
