@@ -57,10 +57,12 @@ def group_norm_twin(groups, eps=1e-3):
     return norm
 
 
-def batch_norm_twin(eps=1e-3):
+def batch_norm_twin(axis=-1, eps=1e-3):
     def norm(h, params):
-        h = _normalize(h, list(range(len(h.shape) - 1)), eps)
-        return _affine(h, params, [h.shape[-1]], True, True)
+        channel = axis % len(h.shape)
+        shape = [h.shape[a] if a == channel else 1 for a in range(len(h.shape))]
+        h = _normalize(h, [a for a in range(len(h.shape)) if a != channel], eps)
+        return _affine(h, params, shape, True, True)
     return norm
 
 

@@ -43,6 +43,8 @@ import threading
 import keras
 import tensorflow as tf
 
+from tf_influence.errors import InputError
+
 _LOCK = threading.RLock()
 _ACTIVE = {}  # (id(layer), attribute) -> [layer, depth, had_own, own]
 
@@ -100,10 +102,14 @@ def exact_second_derivatives(model):
     Yields:
       The tuple of layers that were patched.
 
+    Raises:
+      InputError: when `model` is not a Keras layer or model.
+
     Example:
       >>> with exact_second_derivatives(model):
       ...     hv = tfi.hvp.forward_over_back(lambda: loss(y, model(x, training=True)), params, v)
     """
+    _check_layer(model, "exact_second_derivatives")
     targets = []
     for layer in iter_layers(model):
         rule = _rule(layer)
@@ -138,10 +144,14 @@ def inexact_layers(model, *, training=False):
     Returns:
       A list of layers, in the order `iter_layers` finds them.
 
+    Raises:
+      InputError: when `model` is not a Keras layer or model.
+
     Example:
       >>> [layer.name for layer in inexact_layers(model, training=True)]
       []
     """
+    _check_layer(model, "inexact_layers")
     found = []
     for layer in iter_layers(model):
         rule = _rule(layer)
@@ -184,6 +194,13 @@ def iter_layers(model):
             continue
         stack.extend(reversed(children))
     return found
+
+
+def _check_layer(model, caller):
+    if not _is_layer(model):
+        raise InputError(
+            f"{caller} expected a Keras model or layer. Received: {type(model).__name__} ({model!r:.80}). "
+            "Fix: pass the model itself (for several models, enter one context per model).")
 
 
 def _is_layer(obj):
