@@ -213,7 +213,7 @@ def _is_layer(obj):
 def _rule(layer):
     rules = _RULES
     if "tf_keras" in sys.modules and not isinstance(layer, keras.layers.Layer):
-        from tf_influence.normalization_tf_keras import RULES as rules  # noqa: N811
+        from tf_influence.normalization_tf_keras import RULES as rules
     for rule in rules:
         if isinstance(layer, rule.base):
             return rule
