@@ -136,6 +136,15 @@ def test_custom_loss_model_round_trip(tmp_path, float64, rng, capsys):
         assert json.loads(str(result["settings"]))["curvature"] == "gauss_newton"
 
 
+def test_uncompiled_model_needs_loss(tmp_path, float64, rng, capsys):
+    models.mlp().save(tmp_path / "model.keras")
+    x, y = models.classification_data(rng, n=10)
+    np.savez(tmp_path / "train.npz", x=x, y=y)
+    np.savez(tmp_path / "test.npz", x=x, y=y)
+    _refused(_explain_args(tmp_path, "--damping", "0.5"), capsys, tmp_path,
+             "--model", "without a compiled loss", "--loss NAME", "--loss module:function")
+
+
 def test_custom_layer_loads_with_custom_objects(tmp_path, float64, rng, capsys):
     model = keras.Sequential([keras.Input((4,)), cli_losses.Scale(), keras.layers.Dense(3, name="head")])
     model.compile(loss=SCE)

@@ -260,6 +260,7 @@ def import_object(spec, flag):
             module_name = "_tfi_cli_" + os.path.splitext(os.path.basename(source))[0]
             module_spec = importlib.util.spec_from_file_location(module_name, source)
             module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_name] = module  # as `import` does; dataclasses and pickle look it up there
             module_spec.loader.exec_module(module)
         else:
             if "" not in sys.path and os.getcwd() not in sys.path:
