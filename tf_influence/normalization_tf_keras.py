@@ -19,7 +19,7 @@ import tensorflow as tf
 import tf_keras
 from tf_keras.src.layers.normalization.batch_normalization import BatchNormalizationBase
 
-from tf_influence.normalization import Rule, moments
+from tf_influence.normalization_rules import Rule, moments
 
 
 def _fused(layer, ndims):
