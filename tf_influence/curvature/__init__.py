@@ -3,7 +3,9 @@
   products.py     curvature-vector products of one batch (Hessian three ways, Gauss-Newton)
   capture.py      layer inputs / pre-activation gradients without hooks (`find_blocks`, `capture`)
   targets.py      output-space vectors for Fisher / Gauss-Newton statistics (sampled labels, exact GGN)
+  layer_rows.py   layer inputs and pre-activation gradients for all targets, one batched back-propagation
   factors.py      KFAC/EKFAC factors fitted over the data (`fit_factors`)
+  cross_factors.py  neighbouring layers' Kronecker factors for block-tridiagonal KFAC
   storage.py      saving and loading factors with the settings and weights they belong to
   chain_plan.py   a Dense chain as stages; chain_blocks.py: their closed-form derivative blocks
 
@@ -11,10 +13,13 @@ The mathematics is in docs/mathematics.md.
 """
 
 from tf_influence.curvature.capture import LayerBlock, Recording, capture, find_blocks
-from tf_influence.curvature.factors import FactorSettings, Factors, LayerFactors, fit_factors, layer_rows
+from tf_influence.curvature.cross_factors import CrossFactors, fit_cross_factors
+from tf_influence.curvature.factors import FactorSettings, Factors, LayerFactors, fit_factors
+from tf_influence.curvature.layer_rows import layer_rows, tile_batch
 from tf_influence.curvature.storage import load_factors, save_factors
 
 __all__ = [
+    "CrossFactors",
     "FactorSettings",
     "Factors",
     "LayerBlock",
@@ -22,8 +27,10 @@ __all__ = [
     "Recording",
     "capture",
     "find_blocks",
+    "fit_cross_factors",
     "fit_factors",
     "layer_rows",
     "load_factors",
     "save_factors",
+    "tile_batch",
 ]

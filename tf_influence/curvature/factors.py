@@ -20,9 +20,10 @@ It is exact where the positions are averaged before a loss with constant output 
 convolution, global average pooling, MSE) and can be the better basis when pooling follows a
 convolution (tests/test_ekfac.py: Pearson with the direct solve 0.902 vs 0.849 on a pooled CNN).
 Embedding layers always use "expand" (their A stays diagonal). `g` comes from the
-output-space targets of `targets.py`: sampled labels (true Fisher, default), true labels (empirical
-Fisher) or the exact output Hessian (GGN). With a single example and T = 1, KFAC is exactly the
-layer's block of that curvature.
+output-space targets of `targets.py`: the exact output Hessian (GGN; the default for outputs of up
+to 32 entries per example), sampled labels (true Fisher), or true labels (empirical Fisher); the
+rows of all targets come from one batched back-propagation (`layer_rows.py`). With a single
+example and T = 1, KFAC is exactly the layer's block of that curvature.
 
 Memory: per layer `d_a² + d_g² + d_a·d_g`; the EKFAC pass of a layer with T > 1 positions holds
 `N·d_a·d_g` numbers per batch of N examples (choose the batch size accordingly).
@@ -37,7 +38,8 @@ import tensorflow as tf
 from tf_influence import arguments
 from tf_influence import distribute as _distribute
 from tf_influence.curvature import targets as _targets
-from tf_influence.curvature.capture import capture, find_blocks
+from tf_influence.curvature.capture import find_blocks
+from tf_influence.curvature.layer_rows import layer_rows
 from tf_influence.data import first_batch
 from tf_influence.errors import InputError, NotFiniteError
 from tf_influence.params import ParameterSpace
@@ -46,7 +48,6 @@ _log = logging.getLogger(__name__)
 
 METHODS = ("ekfac", "kfac")
 WEIGHT_SHARING = ("expand", "reduce")
-_ZERO = tf.UnconnectedGradients.ZERO
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +56,10 @@ class FactorSettings:
 
     Attributes:
       method: "ekfac" (eigenvalue-corrected, two passes) or "kfac" (one pass).
-      fisher: "true" (labels sampled from the model, default), "empirical" (true labels) or
-        "ggn" (exact Gauss-Newton, one backward pass per output unit).
+      fisher: "auto" (default: "ggn" for outputs of at most `targets.EXACT_MAX_OUTPUTS` entries per
+        example, else "true"), "ggn" (the exact Gauss-Newton expectation, one back-propagation per
+        output entry, batched), "true" (labels sampled from the model) or "empirical" (true labels).
+        Fitted factors record the resolved mode.
       num_samples: sampled labels per example for fisher="true".
       seed: seed of the label sampling (the same labels in both passes).
       dtype: accumulation and factor dtype, "float64" (default) or "float32".
@@ -65,7 +68,7 @@ class FactorSettings:
     """
 
     method: str = "ekfac"
-    fisher: str = "true"
+    fisher: str = "auto"
     num_samples: int = 1
     seed: int = 0
     dtype: str = "float64"
@@ -182,9 +185,12 @@ def fit_factors(problem, *, settings=None, **options):
     objective, dataset = problem.objective, problem.dataset
     blocks = find_blocks(problem.model, problem.variables)
     batch = first_batch(dataset, "data")
-    _targets.check_outputs(objective, objective.outputs(batch[0]), settings.fisher)
+    outputs = objective.outputs(batch[0])
+    _targets.check_outputs(objective, outputs, settings.fisher)
+    settings = dataclasses.replace(settings, fisher=_targets.resolve_fisher(objective, outputs, settings.fisher))
+    num_targets = _targets.target_count(objective, outputs, settings.fisher, settings.num_samples)
     start = time.perf_counter()
-    fitter = _Fitter(objective, blocks, settings, strategy=problem.strategy)
+    fitter = _Fitter(objective, blocks, settings, strategy=problem.strategy, num_targets=num_targets)
     sums, total_weight, count = fitter.first_pass(dataset)
     if total_weight <= 0:
         raise InputError("data has zero total sample weight; the mean objective is undefined.")
@@ -205,8 +211,9 @@ def fit_factors(problem, *, settings=None, **options):
 class _Fitter:
     """The compiled per-batch statistics of both passes."""
 
-    def __init__(self, objective, blocks, settings, strategy=None):
+    def __init__(self, objective, blocks, settings, strategy=None, num_targets=None):
         self.objective = objective
+        self.num_targets = num_targets
         self.blocks = blocks
         self.settings = settings
         self.dtype = tf.as_dtype(settings.dtype)
@@ -245,7 +252,7 @@ class _Fitter:
         seed = tf.stack([tf.cast(self.settings.seed, tf.int64), step])
         return layer_rows(self.objective, self.blocks, x, y, fisher=self.settings.fisher,
                           num_samples=self.settings.num_samples, seed=seed, dtype=self.dtype,
-                          whole_batch_targets=self.strategy is not None)
+                          whole_batch_targets=self.strategy is not None, num_targets=self.num_targets)
 
     def _pass1_fn(self, x, y, w, step):
         w = tf.cast(w, self.dtype)
@@ -274,42 +281,6 @@ class _Fitter:
             projected = [(tf.einsum("ntl,lm->ntm", g, q_s), c) for g, c in gs]
             sums.append(_corrected_sum(block, a, q_a, projected, w))
         return sums
-
-
-def layer_rows(objective, blocks, x, y, *, fisher, num_samples=1, seed=(0, 0), dtype=tf.float64,
-               whole_batch_targets=False):
-    """One forward pass with capture and one backward pass per output target.
-
-    Returns, per block, `(a, [(g, c), ...])`: input rows `a` `[N, T, d_a]` (int token ids `[N, T]`
-    for embeddings) and, per target s, pre-activation gradient rows `g` `[N, T, d_g]` with
-    per-example weights `c` `[N]` (see `targets.output_targets`). With fisher="empirical", `g` is
-    the gradient of each example's own loss, so `Σ_t a_t g_tᵀ` is its weight gradient.
-    With `whole_batch_targets=True` (inside `strategy.run`, x being this replica's shard) labels
-    are sampled for the whole batch and cut to the shard, as on a single device.
-    """
-    with tf.GradientTape(persistent=True) as tape:
-        with capture(blocks, tape=tape) as recording:
-            outputs = objective.outputs(x)
-    recording.check_called(blocks)
-    targets = _targets.whole_batch_targets if whole_batch_targets else _targets.output_targets
-    us, weights = targets(objective, outputs, y, fisher=fisher, num_samples=num_samples, seed=seed)
-    preacts = recording.flat_preactivations()
-    per_target = [tape.gradient(outputs, preacts, output_gradients=u, unconnected_gradients=_ZERO)
-                  for u in us]
-    del tape
-    result, offset = [], 0
-    for index, block in enumerate(blocks):
-        calls = len(recording.inputs[index])
-        a = tf.concat([block.input_rows(x_in) for x_in in recording.inputs[index]], axis=1)
-        if not block.diagonal_inputs:
-            a = tf.cast(a, dtype)
-        gs = []
-        for grads, c in zip(per_target, weights):
-            g = tf.concat([block.output_rows(t) for t in grads[offset:offset + calls]], axis=1)
-            gs.append((tf.cast(g, dtype), tf.cast(c, dtype)))
-        result.append((a, gs))
-        offset += calls
-    return result
 
 
 def _corrected_sum(block, a, q_a, projected, w):

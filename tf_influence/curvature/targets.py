@@ -11,8 +11,18 @@ weights `c_s` is a valid "target" for a curvature `C = Σ_i w_i J_iᵀ M_i J_i /
                      that average m independent terms, e.g. MSE over m output units.)
   fisher="empirical" M_i = ∇_f ℓ ∇_f ℓᵀ at the true labels (the empirical Fisher).
   fisher="ggn"       M_i = ∇²_f ℓ exactly: `u_c = √|σ_c| v_c`, `c = sign σ_c` over the eigenpairs of
-                     the output Hessian (one backward pass per output unit). This is exactly the
-                     `HessianOperator(..., curvature="gauss_newton")` matrix, for any loss.
+                     the output Hessian (one back-propagation per output unit, batched by
+                     `layer_rows.py`). This is exactly the `HessianOperator(...,
+                     curvature="gauss_newton")` matrix, for any loss.
+  fisher="auto"      "ggn" when an example's output has at most `EXACT_MAX_OUTPUTS` entries (classifiers
+                     with up to 32 classes, small regressions), else "true" (one sampled label per
+                     example: the cost of one backward pass instead of one per output entry, e.g.
+                     for language models), or "ggn" for a loss "true" cannot sample.
+
+Why the exact expectation is the default for few outputs: one sampled label per example adds noise
+to every factor. On a digits MLP (64-32-10, 1,200 examples, benchmarks/ekfac_ablation.py), the
+Pearson correlation of EKFAC scores with the exact damped Hessian solve at λ = 0.01 was 0.853 with
+one sampled label and 0.896 with the exact expectation, for about 10× the fitting work.
 
 The normalisation (mean over examples, weights `w_i`) is applied by the caller.
 """
@@ -22,7 +32,8 @@ import tensorflow as tf
 from tf_influence import distribute
 from tf_influence.errors import InputError
 
-FISHER_MODES = ("true", "empirical", "ggn")
+FISHER_MODES = ("auto", "true", "empirical", "ggn")
+EXACT_MAX_OUTPUTS = 32
 
 
 def output_targets(objective, outputs, y, *, fisher, num_samples=1, seed=(0, 0)):
@@ -45,6 +56,8 @@ def output_targets(objective, outputs, y, *, fisher, num_samples=1, seed=(0, 0))
         return [_loss_gradient(objective, y, f)], [ones]
     if fisher == "ggn":
         return _ggn_targets(objective, y, f)
+    if fisher == "auto":
+        raise InputError("internal: resolve fisher='auto' with resolve_fisher() before computing targets.")
     if fisher == "true":
         sampler = _sampler(objective, f)
         us = []
@@ -81,8 +94,42 @@ def check_outputs(objective, outputs, fisher):
             f"KFAC/EKFAC supports models with one output tensor. Received outputs of structure "
             f"{tf.nest.map_structure(lambda t: tuple(t.shape), outputs)}."
         )
+    fisher = resolve_fisher(objective, outputs, fisher)
     if fisher == "true":
         _sampler(objective, outputs)
+
+
+def output_entries(outputs):
+    """Entries per example of a batch of outputs (static): the C of the exact expectation."""
+    entries = 1
+    for d in outputs.shape[1:]:
+        if d is None:
+            raise InputError(f"The model's outputs have an unknown dimension (shape {tuple(outputs.shape)}); "
+                             "KFAC/EKFAC need a static output shape per example.")
+        entries *= int(d)
+    return entries
+
+
+def resolve_fisher(objective, outputs, fisher):
+    """The mode to use: `fisher` itself, or for "auto" the exact "ggn" when an example's output has
+    at most `EXACT_MAX_OUTPUTS` entries (or the loss has no sampler), else "true"."""
+    if fisher != "auto":
+        return fisher
+    if output_entries(outputs) <= EXACT_MAX_OUTPUTS:
+        return "ggn"
+    try:
+        _sampler(objective, outputs)
+    except InputError:
+        return "ggn"
+    return "true"
+
+
+def target_count(objective, outputs, fisher, num_samples=1):
+    """How many output targets `output_targets` returns per example for a resolved `fisher`."""
+    fisher = resolve_fisher(objective, outputs, fisher)
+    if fisher == "ggn":
+        return output_entries(outputs)
+    return num_samples if fisher == "true" else 1
 
 
 def _loss_gradient(objective, y, f):
@@ -94,9 +141,7 @@ def _loss_gradient(objective, y, f):
 
 def _ggn_targets(objective, y, f):
     n = tf.shape(f)[0]
-    k = 1
-    for d in f.shape[1:]:
-        k *= int(d)
+    k = output_entries(f)
     with tf.GradientTape() as outer:
         outer.watch(f)
         grad = _loss_gradient(objective, y, f)

@@ -12,7 +12,7 @@ sequences) the per-example layer gradient of one batch is formed, one layer at a
 import numpy as np
 import tensorflow as tf
 
-from tf_influence.curvature.factors import layer_rows
+from tf_influence.curvature.layer_rows import layer_rows
 from tf_influence.data import as_dataset
 from tf_influence.errors import InputError
 

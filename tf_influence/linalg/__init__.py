@@ -3,12 +3,12 @@
   block_tridiagonal.py  `block_tridiagonal_solve`
   riccati.py            products and the backward Riccati factorisation of a chain Hessian
   kronecker.py          layer-block-diagonal Kronecker eigenbasis products (KFAC/EKFAC)
-  lanczos.py            `extreme_eigenvalues` of a self-adjoint operator
+  lanczos.py            `extreme_eigenvalues` and `top_eigenpairs` (block Lanczos) of a self-adjoint operator
 """
 
 from tf_influence.linalg.block_tridiagonal import block_tridiagonal_solve
 from tf_influence.linalg.kronecker import LayerLayout, eigenbasis_product, join_layers, split_layers
-from tf_influence.linalg.lanczos import SpectrumEstimate, extreme_eigenvalues
+from tf_influence.linalg.lanczos import Eigenpairs, SpectrumEstimate, extreme_eigenvalues, top_eigenpairs
 from tf_influence.linalg.riccati import (
     ChainBlocks,
     ChainFactorization,
@@ -20,6 +20,7 @@ from tf_influence.linalg.riccati import (
 __all__ = [
     "ChainBlocks",
     "ChainFactorization",
+    "Eigenpairs",
     "LayerLayout",
     "SpectrumEstimate",
     "block_tridiagonal_solve",
@@ -30,4 +31,5 @@ __all__ = [
     "extreme_eigenvalues",
     "join_layers",
     "split_layers",
+    "top_eigenpairs",
 ]

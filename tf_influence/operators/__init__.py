@@ -3,6 +3,7 @@
   HessianOperator   `H + λI` (Hessian or Gauss-Newton) of a problem, products by data passes
   EKFACOperator     `C + λI`, the KFAC/EKFAC approximation, with a cheap exact inverse
   ChainHessian      `H + λI` of a Dense chain, exact products and solves in linear time
+  TridiagonalKFACOperator  KFAC with neighbouring layers' cross terms (block-tridiagonal inverse)
   CurvatureSource   builds the operators a method asks for, once
 """
 
@@ -12,6 +13,7 @@ from tf_influence.operators.hessian import MAX_DENSE_SIZE, HessianOperator
 from tf_influence.operators.minibatch import MinibatchCurvature
 from tf_influence.operators.rows import RowsOperator, matmul_rows
 from tf_influence.operators.source import CurvatureSource
+from tf_influence.operators.tridiagonal_kfac import TridiagonalKFACOperator
 
 __all__ = [
     "MAX_DENSE_SIZE",
@@ -21,5 +23,6 @@ __all__ = [
     "HessianOperator",
     "MinibatchCurvature",
     "RowsOperator",
+    "TridiagonalKFACOperator",
     "matmul_rows",
 ]

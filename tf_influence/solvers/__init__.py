@@ -1,11 +1,13 @@
 """Inverse-Hessian-vector product solvers: one module per method, each with its function and its method class.
 
 Every solver solves `(H + λI) x = b` for an operator that already includes λ and returns
-`(x, SolveInfo)`. The method objects (`Direct`, `CG`, `LiSSA`, `ScipyNCG`, `EKFAC`, `KFAC`, `Chain`)
+`(x, SolveInfo)`. The method objects (`Direct`, `CG`, `LiSSA`, `ScipyNCG`, `EKFAC`, `KFAC`, `Chain`,
+`Arnoldi`, `TridiagonalKFAC`)
 carry settings and `prepare` the reusable state of a method (see `tf_influence.solvers.method`);
 `SOLVERS` maps names to them and `inverse_hvp` dispatches by name.
 """
 
+from tf_influence.solvers.arnoldi import Arnoldi, arnoldi
 from tf_influence.solvers.cg import CG, cg
 from tf_influence.solvers.chain import Chain, chain_solve
 from tf_influence.solvers.direct import Direct, direct
@@ -15,8 +17,10 @@ from tf_influence.solvers.info import SolveInfo
 from tf_influence.solvers.lissa import LiSSA, lissa
 from tf_influence.solvers.method import Method, Prepared
 from tf_influence.solvers.scipy_ncg import ScipyNCG, scipy_ncg
+from tf_influence.solvers.tridiagonal_kfac import TridiagonalKFAC
 
 __all__ = [
+    "Arnoldi",
     "CG",
     "Chain",
     "Direct",
@@ -28,6 +32,8 @@ __all__ = [
     "SOLVERS",
     "ScipyNCG",
     "SolveInfo",
+    "TridiagonalKFAC",
+    "arnoldi",
     "cg",
     "chain_solve",
     "direct",

@@ -9,15 +9,26 @@ and applies
                               (+ the objective's l2, whose curvature is exactly l2·I)
 
 as a few matmuls per layer. It approximates the damped Gauss-Newton solve; it is not the exact
-`(H + λI)⁻¹` of a Hessian operator, and it needs no second derivatives of the model, so it never
-builds a Hessian operator (unless `residual_rows` asks for a check against one).
+`(H + λI)⁻¹` of a Hessian operator, and it needs no second derivatives of the model, so with
+`tol=None` it never builds a Hessian operator (unless `residual_rows` asks for a check against one).
 `preconditioner(operator)` gives the same inverse as a `tf.linalg.LinearOperator` for
 `cg(..., preconditioner=...)`.
 
-Stop rule: none (one-shot). `info.residual` is the exact relative residual
-`max_j ‖(H + λI) x_j − b_j‖ / ‖b_j‖` of the first `residual_rows` right-hand sides against the
-exact operator (one operator pass; `residual_is_estimate` is True when not every row was checked,
-and the residual is NaN when none was).
+Refinement to a stated accuracy (`tol`, off by default; `DEFAULT_TOL` is a good first value): `(C + λI)⁻¹` preconditions
+conjugate gradient on the exact curvature (`source.hessian()`: the Influence's curvature + λI),
+all right-hand sides together, until each has relative residual `‖(H + λI) x_j − b_j‖ / ‖b_j‖ ≤ tol`
+(or `maxiter` iterations). The first iterate is the factored solve rescaled to minimise the error
+in the `H + λI` norm (at least as good as starting from the factored solve, which costs one more
+product). Each iteration is one pass of exact curvature products over the data for all
+right-hand sides. Block-diagonal Kronecker factors fall apart at small damping (on a digits MLP at
+λ = 0.01 the unrefined EKFAC scores correlate 0.90 with the exact solve's); a few refinement
+iterations restore it (see the README's benchmark table). Like CG, refinement needs `H + λI`
+positive definite: where it is not, use `curvature="gauss_newton"`, more damping, or `tol=None`.
+
+Stop rule: `tol=None`: none (one-shot); `info.residual` is then the exact relative residual of
+the first `residual_rows` right-hand sides (one operator pass; `residual_is_estimate` is True when
+not every row was checked, and NaN when none was). With `tol`: CG's stop rule; `info.iterations`
+and `info.residual` are CG's (the recurrence residual), `info.converged` whether `tol` was met.
 """
 
 import dataclasses
@@ -32,9 +43,12 @@ from tf_influence.curvature.factors import FactorSettings, Factors
 from tf_influence.errors import InputError
 from tf_influence.operators.ekfac import EKFACOperator
 from tf_influence.operators.source import CurvatureSource
+from tf_influence.solvers.cg import cg
 from tf_influence.solvers.info import SolveInfo
 from tf_influence.solvers.method import Method, Prepared
 from tf_influence.solvers.rows import as_rows, relative_residuals
+
+DEFAULT_TOL = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +56,9 @@ class EKFAC(Method):
     """Eigenvalue-corrected KFAC (George et al. 2018) as an IHVP method.
 
     Args:
-      fisher: "true" (labels sampled from the model, default), "empirical" (true labels) or
-        "ggn" (exact Gauss-Newton statistics, one backward pass per output unit).
+      fisher: "auto" (default: the exact Gauss-Newton expectation "ggn" when an example's output
+        has at most 32 entries, else "true"), "ggn", "true" (labels sampled from the model) or
+        "empirical" (true labels); see `tf_influence.curvature.targets`.
       num_samples: sampled labels per example (fisher="true").
       seed: sampling seed.
       dtype: factor dtype, "float64" (default) or "float32".
@@ -51,9 +66,13 @@ class EKFAC(Method):
         (Conv2D, Dense on sequences) are factored; "reduce" can fit better when pooling follows.
       factors: precomputed `Factors` to use instead of fitting (they must match the problem's
         model and variables).
-      residual_rows: how many right-hand sides to check against the exact operator (default 0:
-        none, so no exact curvature product is computed; the residual is then reported as NaN with
-        `residual_is_estimate=True`).
+      tol: relative residual to refine to with preconditioned CG on the exact curvature (e.g.
+        `DEFAULT_TOL`), or None (default) for the one-shot factored solve (no exact curvature
+        products; the model needs no second derivatives).
+      maxiter: most refinement iterations (each one exact curvature pass over the data).
+      residual_rows: with `tol=None`, how many right-hand sides to check against the exact
+        operator (default 0: none, so no exact curvature product is computed; the residual is then
+        reported as NaN with `residual_is_estimate=True`).
 
     Example:
       >>> H = tfi.HessianOperator(model, loss, train, curvature="gauss_newton", damping=1e-3)
@@ -61,19 +80,33 @@ class EKFAC(Method):
       >>> x_cg, _ = cg(H, g_test, tol=1e-8, preconditioner=EKFAC().preconditioner(H))
     """
 
-    fisher: str = "true"
+    fisher: str = "auto"
     num_samples: int = 1
     seed: int = 0
     dtype: str = "float64"
     weight_sharing: str = "expand"
     factors: Factors = None
+    tol: typing.Optional[float] = None
+    maxiter: int = 100
     residual_rows: int = 0
     name: typing.ClassVar[str] = "ekfac"
-    exact: typing.ClassVar[bool] = False
-    factored: typing.ClassVar[bool] = True
+
+    @property
+    def exact(self):
+        """True when refining: the solution is that of `(H + λI) x = b` to `tol`."""
+        return self.tol is not None
+
+    @property
+    def factored(self):
+        """True for the one-shot solve, whose result is exactly the factors' `(C + λI)⁻¹ b`."""
+        return self.tol is None
 
     def __post_init__(self):
-        arguments.integer(self.residual_rows, "residual_rows", minimum=0, owner=type(self).__name__)
+        owner = type(self).__name__
+        arguments.integer(self.residual_rows, "residual_rows", minimum=0, owner=owner)
+        if self.tol is not None:
+            arguments.positive_float(self.tol, "tol", owner=owner)
+        arguments.positive_int(self.maxiter, "maxiter", owner=owner)
         self.factor_settings()  # validates the settings
         if self.factors is not None and self.factors.method != self.name:
             raise InputError(
@@ -109,6 +142,8 @@ class EKFAC(Method):
 
     def prepare(self, source):
         inverse = self.inverse(source)
+        if self.tol is not None:
+            return self._prepare_refined(source, inverse)
         dtype = source.problem.dtype if source.problem is not None else inverse.dtype
 
         def solve(b):
@@ -132,10 +167,30 @@ class EKFAC(Method):
         prepared.inverse = inverse
         return prepared
 
+    def _prepare_refined(self, source, inverse):
+        exact = source.hessian()
+        preconditioner = inverse.inverse()  # one object, so CG's compiled loop is reused across solves
+
+        def solve(b):
+            start = time.perf_counter()
+            rows, single = as_rows(exact, tf.cast(b, exact.dtype))
+            x, info = cg(exact, rows, tol=self.tol, maxiter=self.maxiter, preconditioner=preconditioner)
+            factors = inverse.factors
+            info = dataclasses.replace(
+                info, method=self.name, seconds=time.perf_counter() - start,
+                extra=dict(info.extra, refined=True, fisher=factors.settings.fisher, fit_seconds=factors.seconds,
+                           layers=[block.name for block in factors.blocks]))
+            return (x[0] if single else x), info
+
+        prepared = Prepared(self, exact, solve)
+        prepared.inverse = inverse
+        return prepared
+
 
 @dataclasses.dataclass(frozen=True)
 class KFAC(EKFAC):
     """KFAC (Martens & Grosse 2015; KFC for convolutions) as an IHVP method: one pass, eigenvalues
-    `λ_A ⊗ λ_S`, with the damping added exactly in the Kronecker eigenbasis. Options as `EKFAC`."""
+    `λ_A ⊗ λ_S`, with the damping added exactly in the Kronecker eigenbasis. Options as `EKFAC`
+    (including the refinement `tol`)."""
 
     name: typing.ClassVar[str] = "kfac"
