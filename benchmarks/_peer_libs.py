@@ -45,7 +45,7 @@ def available():
             warnings.simplefilter("ignore")
             import kronfluence.version
             import pydvl
-            import pydvl.influence.torch  # noqa: F401
+            import pydvl.influence.torch
             import torch
     except Exception as e:  # noqa: BLE001 - any import failure means: skip the peers
         return False, f"{type(e).__name__}: {e}"
