@@ -52,11 +52,13 @@ def available():
     return True, f"torch {torch.__version__}, pyDVL {pydvl.__version__}, kronfluence {kronfluence.version.__version__}"
 
 
-def setup():
+def setup(threads=None):
     """Process-wide settings for a like-for-like float64 comparison; quiets the peers' logging."""
     import torch
 
     torch.set_default_dtype(torch.float64)
+    if threads:
+        torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("pydvl", "kronfluence", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -24,7 +24,7 @@ which reach ~1.9 here), depth J = smallest multiple of 100 with (1 − (λ + λ_
 
 Run (the peers live in their own venv, see benchmarks/README.md):
   /work/venv-peers/bin/python benchmarks/peers.py [--quick] [--only direct cg lissa ekfac]
-      [--lambdas 0.1 0.01] [--repeats 3] [--skip-large]
+      [--lambdas 0.1 0.01] [--repeats 3] [--skip-large] [--threads N]
 Without torch/pyDVL/kronfluence it prints a note and runs the tf_influence rows only.
 Import: `import peers; rows = peers.main([...])`, a list of dicts.
 """
@@ -284,6 +284,9 @@ def parse(argv):
     parser.add_argument("--large-lambda", type=float, default=0.1)
     parser.add_argument("--lissa-scale", type=float, default=2.0)
     parser.add_argument("--lissa-batch", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for TensorFlow (intra- and inter-op) and torch alike; default: "
+                             "each library's own (1 is steadier on a machine that other jobs load)")
     parser.add_argument("--epochs", type=int, default=100, help="training epochs of the 64-32-10 MLP")
     parser.add_argument("--large-epochs", type=int, default=30, help="training epochs of the 301k MLP")
     args = parser.parse_args(argv)
@@ -310,15 +313,19 @@ def main(argv=None):
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")
+    if args.threads:  # before TensorFlow runs its first op
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     peers, versions = libs.available()
     print(_timing.machine_info())
     print(f"load average at start: {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
     if peers:
-        libs.setup()
+        libs.setup(threads=args.threads)
         print(f"peers: {versions}")
     else:
         print(f"NOTE: peers not importable ({versions}); running the tf_influence rows only. "
-              "Install them as in benchmarks/README.md (pip install -e '.[peers]', torch CPU first).")
+              "Install them as benchmarks/README.md, section 'Peers', says (torch's CPU build first).")
+    print(f"threads: {args.threads or 'library defaults'}")
 
     data = pm.digits(n_train=args.n_train, n_test=args.n_test, n_large=args.n_large)
     train = (data["x_train"], data["y_train"])
