@@ -97,7 +97,7 @@ class EKFAC(Method):
                 "Fit them with the same model and variable selection.")
         l2 = problem.objective.l2 if problem is not None else 0.0
         dtype = problem.dtype if problem is not None else None
-        return EKFACOperator(self.factors, damping=float(source.damping) + float(l2), dtype=dtype)
+        return EKFACOperator(self.factors, damping=source.factored_damping(self.factors) + float(l2), dtype=dtype)
 
     def fit(self, operator):
         """The factors for `operator`'s problem (fitted once per model weights, then cached)."""
