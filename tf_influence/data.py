@@ -73,21 +73,35 @@ def _length(array, what):
     return int(np.shape(flat[0])[0]) if np.ndim(flat[0]) else 0
 
 
-def fingerprint(dataset, *, batches=None):
-    """SHA-256 of the dtypes, shapes and values of every tensor of every batch (or the first `batches`).
+def fingerprint(dataset, *, batches=None, with_sizes=False):
+    """SHA-256 of the examples of a dataset (all, or the first `batches` batches), streamed batch by batch.
 
-    A streamed hash: one pass over the data, one batch in memory at a time. Batch boundaries are
-    part of it, so the same examples batched differently give another fingerprint.
+    One pass, one batch in memory at a time. It covers the dtype, the shape after the batch axis and
+    the values of every tensor (x, y, w) of every example, in order, but not how the examples are
+    batched: the same examples batched differently give the same fingerprint.
+
+    Returns:
+      The hex digest, or `(digest, batch_sizes)` with `with_sizes=True`.
 
     Example:
-      >>> fingerprint(as_dataset((x, y))) == fingerprint(as_dataset((x, y)))
+      >>> fingerprint(as_dataset((x, y), batch_size=4)) == fingerprint(as_dataset((x, y), batch_size=7))
       True
     """
-    digest = hashlib.sha256()
+    digests, sizes = [], []
     for batch in (dataset if batches is None else dataset.take(batches)):
-        for t in tf.nest.flatten(batch):
-            digest.update(tf.io.serialize_tensor(t).numpy())
-    return digest.hexdigest()
+        flat = tf.nest.flatten(batch)
+        if not digests:
+            digests = [hashlib.sha256(f"{t.dtype.name}{t.shape[1:]}".encode()) for t in flat]
+        for digest, t in zip(digests, flat):
+            values = t.numpy()
+            if values.dtype == object:  # strings: length-prefixed bytes
+                for item in values.ravel():
+                    digest.update(len(item).to_bytes(8, "little") + item)
+            else:
+                digest.update(np.ascontiguousarray(values).tobytes())
+        sizes.append(int(tf.shape(flat[0])[0]) if flat and flat[0].shape.rank else 1)
+    combined = hashlib.sha256("".join(d.hexdigest() for d in digests).encode()).hexdigest()
+    return (combined, sizes) if with_sizes else combined
 
 
 def _from_arrays(data, batch_size, name):

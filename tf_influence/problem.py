@@ -97,15 +97,20 @@ class Problem:
         return model_fingerprint(self.model)
 
     def data_fingerprint(self):
-        """SHA-256 of the training data as batched (x, y, w of every batch), computed once by one streamed pass.
+        """SHA-256 of the training examples (x, y, w of each, in order), computed once by one streamed pass.
 
         With the model's fingerprint and the settings it identifies what a result was computed
         from: `score_to_file` and saved factors refuse to reuse results when it changed (e.g.
-        corrected labels of the same shape).
+        corrected labels of the same shape). It does not depend on the batching (`batch_sizes`).
         """
         if self._data_fingerprint is None:
-            self._data_fingerprint = data_fingerprint(self.dataset)
-        return self._data_fingerprint
+            self._data_fingerprint = data_fingerprint(self.dataset, with_sizes=True)
+        return self._data_fingerprint[0]
+
+    def batch_sizes(self):
+        """The number of examples in each batch of the training data (read with `data_fingerprint`)."""
+        self.data_fingerprint()
+        return list(self._data_fingerprint[1])
 
     def settings_fingerprint(self):
         """What the objective is, besides weights and data: loss, l2, training flag, selected variables."""
