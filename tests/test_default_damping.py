@@ -54,7 +54,8 @@ def test_every_method_uses_the_same_chosen_lambda(float64, rng, caplog):
     info = direct.last_solve_info.extra
     assert info["damping"] == direct.damping > 0 and info["damping_source"] == "lanczos"
     assert "λ_min" in info["damping_reason"]
-    for method, options in [("cg", dict(tol=1e-10)), ("chain", {}), ("lissa", dict(recursion_depth=5, batch_size=None))]:
+    methods = [("cg", dict(tol=1e-10)), ("chain", {}), ("lissa", dict(recursion_depth=5, batch_size=None))]
+    for method, options in methods:
         inf = tfi.Influence(model, sce, train, method=method, progress=False, **options)
         scores = inf.scores(test)
         extra = inf.last_solve_info.extra
