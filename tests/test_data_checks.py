@@ -84,3 +84,21 @@ def test_fingerprint_covers_every_example_but_not_the_batching(problem):
     assert fingerprint(tfi.as_dataset((x, corrected), batch_size=5)) != base
     assert fingerprint(tfi.as_dataset((x[::-1], y[::-1]), batch_size=5)) != base
     assert fingerprint(tfi.as_dataset((x, y, np.full(24, 2.0)), batch_size=5)) != base
+
+
+def test_training_data_changed_behind_the_dataset_is_refused(problem):
+    model, x, y = problem
+    labels = list(y)
+
+    def examples():  # reads the Python list on every pass, as a generator-backed dataset does
+        for start in range(0, 24, 8):
+            yield x[start:start + 8], np.array(labels[start:start + 8])
+
+    spec = (tf.TensorSpec([None, 4], tf.float64), tf.TensorSpec([None], tf.int64))
+    inf = tfi.Influence(model, sce, tf.data.Dataset.from_generator(examples, output_signature=spec), damping=0.5,
+                        method="direct", progress=False)
+    expected = tfi.Influence(model, sce, (x, y), damping=0.5, method="direct", progress=False).scores((x[:2], y[:2]))
+    np.testing.assert_allclose(inf.scores((x[:2], y[:2])), expected, rtol=1e-12)
+    labels[20] = (labels[20] + 1) % 3  # the user corrects a label behind the dataset
+    with pytest.raises(tfi.InputError, match="training data changed between two passes.*new Influence"):
+        inf.scores((x[:2], y[:2]))

@@ -73,12 +73,43 @@ def _length(array, what):
     return int(np.shape(flat[0])[0]) if np.ndim(flat[0]) else 0
 
 
-def fingerprint(dataset, *, batches=None, with_sizes=False):
-    """SHA-256 of the examples of a dataset (all, or the first `batches` batches), streamed batch by batch.
+class Fingerprint:
+    """A streamed SHA-256 of examples, fed batch by batch (`update`), independent of the batching.
 
-    One pass, one batch in memory at a time. It covers the dtype, the shape after the batch axis and
-    the values of every tensor (x, y, w) of every example, in order, but not how the examples are
-    batched: the same examples batched differently give the same fingerprint.
+    It covers the dtype, the shape after the batch axis and the values of every tensor (x, y, w)
+    of every example, in order. `sizes` records the batch sizes seen.
+
+    Example:
+      >>> digest = Fingerprint()
+      >>> for batch in dataset: digest.update(batch)
+      >>> digest.hexdigest()
+    """
+
+    def __init__(self):
+        self._digests = []
+        self.sizes = []
+
+    def update(self, batch):
+        flat = tf.nest.flatten(batch)
+        if not self._digests:
+            self._digests = [hashlib.sha256(f"{t.dtype.name}{t.shape[1:]}".encode()) for t in flat]
+        for digest, t in zip(self._digests, flat):
+            values = t.numpy()
+            if values.dtype == object:  # strings: length-prefixed bytes
+                for item in values.ravel():
+                    digest.update(len(item).to_bytes(8, "little") + item)
+            else:
+                digest.update(np.ascontiguousarray(values).tobytes())
+        self.sizes.append(int(tf.shape(flat[0])[0]) if flat and flat[0].shape.rank else 1)
+
+    def hexdigest(self):
+        return hashlib.sha256("".join(d.hexdigest() for d in self._digests).encode()).hexdigest()
+
+
+def fingerprint(dataset, *, batches=None, with_sizes=False):
+    """The `Fingerprint` of a dataset's examples (all, or the first `batches` batches): one streamed pass.
+
+    The same examples batched differently give the same fingerprint.
 
     Returns:
       The hex digest, or `(digest, batch_sizes)` with `with_sizes=True`.
@@ -87,21 +118,10 @@ def fingerprint(dataset, *, batches=None, with_sizes=False):
       >>> fingerprint(as_dataset((x, y), batch_size=4)) == fingerprint(as_dataset((x, y), batch_size=7))
       True
     """
-    digests, sizes = [], []
+    digest = Fingerprint()
     for batch in (dataset if batches is None else dataset.take(batches)):
-        flat = tf.nest.flatten(batch)
-        if not digests:
-            digests = [hashlib.sha256(f"{t.dtype.name}{t.shape[1:]}".encode()) for t in flat]
-        for digest, t in zip(digests, flat):
-            values = t.numpy()
-            if values.dtype == object:  # strings: length-prefixed bytes
-                for item in values.ravel():
-                    digest.update(len(item).to_bytes(8, "little") + item)
-            else:
-                digest.update(np.ascontiguousarray(values).tobytes())
-        sizes.append(int(tf.shape(flat[0])[0]) if flat and flat[0].shape.rank else 1)
-    combined = hashlib.sha256("".join(d.hexdigest() for d in digests).encode()).hexdigest()
-    return (combined, sizes) if with_sizes else combined
+        digest.update(batch)
+    return (digest.hexdigest(), digest.sizes) if with_sizes else digest.hexdigest()
 
 
 def _from_arrays(data, batch_size, name):

@@ -13,7 +13,7 @@ import hashlib
 import numpy as np
 import tensorflow as tf
 
-from tf_influence.data import as_dataset, first_batch
+from tf_influence.data import Fingerprint, as_dataset, first_batch
 from tf_influence.data import fingerprint as data_fingerprint
 from tf_influence.distribute import resolve_strategy
 from tf_influence.errors import InputError
@@ -106,6 +106,20 @@ class Problem:
         if self._data_fingerprint is None:
             self._data_fingerprint = data_fingerprint(self.dataset, with_sizes=True)
         return self._data_fingerprint[0]
+
+    def check_data_unchanged(self, fingerprint):
+        """Compares a `Fingerprint` streamed during a full pass over the training data with the first one.
+
+        The first full pass records it; a later pass that read other data (a generator or files
+        behind the dataset changed) is an `InputError`, since results computed from both would mix.
+        """
+        if self._data_fingerprint is None:
+            self._data_fingerprint = (fingerprint.hexdigest(), list(fingerprint.sizes))
+        elif fingerprint.hexdigest() != self._data_fingerprint[0]:
+            raise InputError(
+                "The training data changed between two passes over it (the generator, list or files behind the "
+                "dataset now yield other examples): the prepared curvature and cached results belong to the old "
+                "data, so the scores would mix both. Build a new Influence after changing the data.")
 
     def batch_sizes(self):
         """The number of examples in each batch of the training data (read with `data_fingerprint`)."""

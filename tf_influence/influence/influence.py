@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence import distribute as _distribute
+from tf_influence.data import Fingerprint
 from tf_influence.errors import InputError, NotFiniteError
 from tf_influence.influence import gradients as _gradients
 from tf_influence.influence.topk import top_k as _top_k
@@ -196,8 +197,11 @@ class Influence:
     def scores(self, test):
         """`[n_test, n_train]` influence scores `∇ℓ(z_test)ᵀ (H + λI)⁻¹ ∇ℓ(zᵢ)`; positive = helpful."""
         directions = tf.constant(self.test_inverse_hvps(test), self.space.dtype)
-        columns = [self.gradient_dots(batch, directions).numpy()
-                   for batch in self._progress(self.problem.dataset, "scoring")]
+        seen, columns = Fingerprint(), []
+        for batch in self._progress(self.problem.dataset, "scoring"):
+            seen.update(batch)
+            columns.append(self.gradient_dots(batch, directions).numpy())
+        self.problem.check_data_unchanged(seen)
         return check_scores(np.concatenate(columns, axis=0).T)
 
     def predicted_loss_change(self, test):
@@ -255,7 +259,11 @@ class Influence:
         return solution * (weights[indices] / weights.sum())[:, np.newaxis]
 
     def check_weights(self):
-        """Drops cached solutions and prepared state (with a warning) if the model's weights changed."""
+        """Drops cached solutions and prepared state (with a warning) if the model's weights changed.
+
+        The other inputs are fixed when the Influence is built; every full pass of `scores` also checks
+        that the training data still are those of the first pass (`Problem.check_data_unchanged`).
+        """
         fingerprint = self.problem.fingerprint()
         if fingerprint != self._fingerprint:
             warnings.warn("The model's weights changed since the inverse-HVPs were cached; recomputing.",

@@ -24,6 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_influence.data import Fingerprint
 from tf_influence.data import fingerprint as data_fingerprint
 from tf_influence.errors import InputError
 from tf_influence.files import atomic_save_npy, atomic_write_json, check_target
@@ -87,7 +88,10 @@ def score_to_file(influence, test, path, *, resume=True, progress=None):
                               unit_name="batch")
     offset = _offset_after(train, done)
     started = time.perf_counter()
+    seen = Fingerprint() if done == 0 else None  # a full pass: check that it read the data of the others
     for step, batch in enumerate(train.skip(done), start=done):
+        if seen is not None:
+            seen.update(batch)
         columns = influence.gradient_dots(batch, directions_tensor).numpy()  # [batch, n_test]
         scores[:, offset:offset + len(columns)] = columns.T
         scores.flush()
@@ -96,6 +100,8 @@ def score_to_file(influence, test, path, *, resume=True, progress=None):
         bar.update(step + 1)
     if offset != n_train:
         raise InputError(f"Scored {offset} training examples but the data holds {n_train}; was it changed?")
+    if seen is not None:
+        influence.problem.check_data_unchanged(seen)
     _write_state(state_path, fingerprint, _read_state(state_path)["batches_done"], True, parts=parts,
                  seconds=time.perf_counter() - started)
     del scores
