@@ -45,18 +45,20 @@ def available():
             warnings.simplefilter("ignore")
             import kronfluence.version
             import pydvl
-            import pydvl.influence.torch  # noqa: F401
+            import pydvl.influence.torch
             import torch
     except Exception as e:  # noqa: BLE001 - any import failure means: skip the peers
         return False, f"{type(e).__name__}: {e}"
     return True, f"torch {torch.__version__}, pyDVL {pydvl.__version__}, kronfluence {kronfluence.version.__version__}"
 
 
-def setup():
+def setup(threads=None):
     """Process-wide settings for a like-for-like float64 comparison; quiets the peers' logging."""
     import torch
 
     torch.set_default_dtype(torch.float64)
+    if threads:
+        torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("pydvl", "kronfluence", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)

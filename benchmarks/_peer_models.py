@@ -93,7 +93,7 @@ def torch_mlp_from_keras(model):
     modules = []
     for layer in model.layers:
         if not isinstance(layer, keras.layers.Dense):
-            raise ValueError(f"Only Dense layers are exported; received {type(layer).__name__} ({layer.name}).")
+            raise TypeError(f"Only Dense layers are exported; received {type(layer).__name__} ({layer.name}).")
         kernel, bias = (np.asarray(w, np.float64) for w in layer.get_weights())
         linear = torch.nn.Linear(kernel.shape[0], kernel.shape[1], dtype=torch.float64)
         with torch.no_grad():
@@ -142,16 +142,22 @@ def keras_to_torch_permutation(model):
 # -- Ground truth -------------------------------------------------------------------------------
 
 
-def keras_hessian(model, x, y):
-    """Dense Hessian [p, p] of the mean training loss by nested GradientTapes (float64), Keras order."""
+def keras_hessian(model, x, y, chunk=300):
+    """Dense Hessian [p, p] of the mean training loss by nested GradientTapes (float64), Keras order.
+
+    Summed over chunks of `chunk` examples to bound memory."""
     variables = model.trainable_variables
-    x, y = tf.constant(x), tf.constant(y)
-    with tf.GradientTape() as outer:
-        with tf.GradientTape() as inner:
-            loss = tf.reduce_mean(_float64_losses(y, model(x, training=False)))
-        grads = tf.concat([tf.reshape(g, [-1]) for g in inner.gradient(loss, variables)], 0)
-    blocks = outer.jacobian(grads, variables, experimental_use_pfor=True)
-    hessian = tf.concat([tf.reshape(b, [grads.shape[0], -1]) for b in blocks], 1).numpy()
+    total = None
+    for start in range(0, len(x), chunk):
+        xb, yb = tf.constant(x[start:start + chunk]), tf.constant(y[start:start + chunk])
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                loss = tf.reduce_sum(_float64_losses(yb, model(xb, training=False)))
+            grads = tf.concat([tf.reshape(g, [-1]) for g in inner.gradient(loss, variables)], 0)
+        blocks = outer.jacobian(grads, variables, experimental_use_pfor=True)
+        part = tf.concat([tf.reshape(b, [grads.shape[0], -1]) for b in blocks], 1).numpy()
+        total = part if total is None else total + part
+    hessian = total / len(x)
     return 0.5 * (hessian + hessian.T)
 
 
@@ -175,7 +181,7 @@ def exact_scores(hessian, g_test, g_train, damping):
     return g_test @ np.linalg.solve(system, g_train.T)
 
 
-def torch_hessian_and_gradients(torch_model, x, y, x_test, y_test):
+def torch_hessian_and_gradients(torch_model, x, y, x_test, y_test, chunk=300):
     """(H, g_train, g_test) from torch.func in torch's flat order: an independent second truth."""
     import torch
 
@@ -193,7 +199,8 @@ def torch_hessian_and_gradients(torch_model, x, y, x_test, y_test):
 
     flat = torch.cat([params[n].reshape(-1) for n in names])
     tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-    hessian = torch.func.hessian(mean_loss)(flat, tx, ty).numpy()
+    hessian = sum(len(xb) * torch.func.hessian(mean_loss)(flat, xb, yb).numpy()  # chunks bound memory
+                  for xb, yb in zip(torch.split(tx, chunk), torch.split(ty, chunk))) / len(x)
     per_example = torch.func.vmap(torch.func.grad(lambda f, xi, yi: mean_loss(f, xi[None], yi[None])),
                                   in_dims=(None, 0, 0))
     g_train = per_example(flat, tx, ty).numpy()

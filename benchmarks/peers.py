@@ -9,7 +9,9 @@ to 1e-10). Every library is configured to compute
 (how each peer's options map onto this: `_peer_libs.py`). Ground truth: the Hessian by nested
 GradientTapes and a dense float64 solve (`_peer_models.py`), cross-checked against torch.func.
 Each row times the user's whole computation, object construction to the [50, 1200] score matrix;
-the time is the median of --repeats runs (the 1st run, with tracing, is shown apart).
+the time is the median of --repeats runs (the 1st run, with tracing, is shown apart). Libraries run
+round-robin; before each timed run the Python heap is collected and frozen (gc.freeze), so that a
+library's own gc.collect() calls do not scan the other framework's objects.
 
 Methods per λ: exact (direct), CG to relative residual 1e-6, LiSSA (same scale, depth and
 minibatch size for both libraries that have it), EKFAC and KFAC. At scale: EKFAC scoring
@@ -22,7 +24,7 @@ which reach ~1.9 here), depth J = smallest multiple of 100 with (1 − (λ + λ_
 
 Run (the peers live in their own venv, see benchmarks/README.md):
   /work/venv-peers/bin/python benchmarks/peers.py [--quick] [--only direct cg lissa ekfac]
-      [--lambdas 0.1 0.01] [--repeats 3] [--skip-large]
+      [--lambdas 0.1 0.01] [--repeats 3] [--skip-large] [--threads N]
 Without torch/pyDVL/kronfluence it prints a note and runs the tf_influence rows only.
 Import: `import peers; rows = peers.main([...])`, a list of dicts.
 """
@@ -77,7 +79,13 @@ def tfi_run(method, model, train, test, damping, *, batch_size, lissa=None):
 
 
 def _clock(fn, *args):
+    # Freezing the heap keeps explicit gc.collect() calls from scanning TensorFlow's ~500k objects:
+    # kronfluence calls it ~10 times per fit + score, 1 s each in this process (13 of its 15 s), a
+    # cost it would not pay in a PyTorch-only process. Every library is timed this way. Unfreeze
+    # first, so that the previous run's garbage cycles (an Influence with its cached IHVPs) are freed.
+    gc.unfreeze()
     gc.collect()
+    gc.freeze()
     wall, cpu = time.perf_counter(), time.process_time()
     result = fn(*args)
     return time.perf_counter() - wall, time.process_time() - cpu, result
@@ -109,6 +117,7 @@ def timed_stages(runs, repeats):
                 warnings.simplefilter("ignore")
                 fit, _, state = _clock(run.fit)
                 score, _, results[name] = _clock(run.score, state)
+                del state  # an Influence holds its cached test IHVPs (2.4 GB for 1,000 x 301k)
             fits[name].append(fit)
             scores[name].append(score)
             firsts[name].append(fit + score)
@@ -141,8 +150,8 @@ def small_rows(args, data, model, twin, truth_h, g_train, g_test, peers):
         for method in [m for m in ("direct", "cg", "lissa", "ekfac", "kfac") if m in args.only or
                        (m == "kfac" and "ekfac" in args.only)]:
             runs = {}
-            for library in SUPPORTED:
-                if method not in SUPPORTED[library] or (library != "tf_influence" and not peers):
+            for library, methods in SUPPORTED.items():
+                if method not in methods or (library != "tf_influence" and not peers):
                     continue
                 common = dict(batch_size=args.batch_size)
                 if library == "tf_influence":
@@ -216,21 +225,22 @@ def print_tables(rows, args, peers):
             if not cells:
                 continue
             tf = cells.get("tf_influence")
-            peer_times = [cells[lib]["seconds"] for lib in ("pyDVL", "kronfluence") if lib in cells]
-            ratio = f"{tf['seconds'] / min(peer_times):.1f}x" if tf and peer_times else (
+            peer_rows = [cells[lib] for lib in ("pyDVL", "kronfluence") if lib in cells]
+            ratio = f"{tf['seconds'] / min(r['seconds'] for r in peer_rows):.1f}x" if tf and peer_rows else (
                 "n/a (peers not installed)" if not peers else "– (no peer)")
+            cpu_ratio = f"{tf['cpu'] / min(r['cpu'] for r in peer_rows):.1f}x" if tf and peer_rows else "–"
             row = [LABELS[method], f"{damping:g}"]
             for lib in SUPPORTED:
                 r = cells.get(lib)
                 row += [_fmt(r and r["seconds"]), "–" if r is None else f"{r['pearson']:.4f}"]
-            table.append(row + [ratio])
+            table.append(row + [ratio, cpu_ratio])
             for r in cells.values():
                 r["ratio_to_best_peer"] = ratio
     _timing.print_table(
-        f"Whole computation (construction → {args.n_test}x{args.n_train} scores), median of {args.repeats}; "
-        "Pearson vs the exact damped solve",
+        f"Whole computation (construction → {args.n_test}x{args.n_train} scores), wall seconds, median of "
+        f"{args.repeats}; Pearson vs the exact damped solve; last column: the same ratio in CPU seconds",
         ("method", "λ", "tf_influence", "Pearson", "pyDVL", "Pearson", "kronfluence", "Pearson",
-         "tf_influence / best peer"), table)
+         "tf_influence / best peer", "(CPU)"), table)
     _timing.print_table(
         "Details (max rel. err = max|s − t| / max|t|)",
         ("library", "method", "λ", "median", "1st run", "runs", "CPU (median)", "Pearson", "max rel. err", "note"),
@@ -239,7 +249,7 @@ def print_tables(rows, args, peers):
           r["note"])
          for r in small])
     for row in table:
-        print(f"tf_influence / best peer, {row[0]} λ={row[1]}: {row[-1]}")
+        print(f"tf_influence / best peer, {row[0]} λ={row[1]}: {row[-2]} (CPU seconds: {row[-1]})")
     large = [r for r in rows if r["section"] == "large"]
     for r in large:
         if r["library"] == "kronfluence" and r["precision"] == "float64":
@@ -274,6 +284,9 @@ def parse(argv):
     parser.add_argument("--large-lambda", type=float, default=0.1)
     parser.add_argument("--lissa-scale", type=float, default=2.0)
     parser.add_argument("--lissa-batch", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for TensorFlow (intra- and inter-op) and torch alike; default: "
+                             "each library's own (1 is steadier on a machine that other jobs load)")
     parser.add_argument("--epochs", type=int, default=100, help="training epochs of the 64-32-10 MLP")
     parser.add_argument("--large-epochs", type=int, default=30, help="training epochs of the 301k MLP")
     args = parser.parse_args(argv)
@@ -300,15 +313,19 @@ def main(argv=None):
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")
+    if args.threads:  # before TensorFlow runs its first op
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     peers, versions = libs.available()
     print(_timing.machine_info())
     print(f"load average at start: {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
     if peers:
-        libs.setup()
+        libs.setup(threads=args.threads)
         print(f"peers: {versions}")
     else:
         print(f"NOTE: peers not importable ({versions}); running the tf_influence rows only. "
-              "Install them as in benchmarks/README.md (pip install -e '.[peers]', torch CPU first).")
+              "Install them as benchmarks/README.md, section 'Peers', says (torch's CPU build first).")
+    print(f"threads: {args.threads or 'library defaults'}")
 
     data = pm.digits(n_train=args.n_train, n_test=args.n_test, n_large=args.n_large)
     train = (data["x_train"], data["y_train"])
