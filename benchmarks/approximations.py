@@ -17,11 +17,16 @@ Methods:
   EKFAC refined          EKFAC(tol=--refine-tol): CG on the exact curvature, preconditioned by EKFAC
   tridiagonal KFAC       neighbouring layers' cross-curvature (block-tridiagonal inverse)
   Arnoldi                top --rank eigenpairs by block Lanczos, 1/λ outside ("damping" complement)
-  LiSSA                  scale 1.1·λ_max (Lanczos), depth min(--lissa-depth, J) with (1 − λ/s)^J ≤ 1e-3,
-                         minibatch --lissa-batch
+  LiSSA                  scale 1.1·λ_max (or --lissa-scale), depth min(--lissa-depth, J) with
+                         (1 − μ/s)^J ≤ 1e-3 (μ the smallest eigenvalue of G + λI), minibatch --lissa-batch
   CG                     plain CG to relative residual 1e-6
 
-Run: python benchmarks/approximations.py [--models mlp cnn] [--lambdas 1e-3 1e-2 1e-1] [--only ...]
+With --peers (run with /work/venv-peers/bin/python) the MLP rows also include pyDVL's EKFAC, LiSSA
+(the same scale, depth and minibatch) and CG (rtol 1e-3), and kronfluence's EKFAC, on the PyTorch twin
+of the same weights (`peers.py`), timed in the same process.
+
+Run: PYTHONPATH=. python benchmarks/approximations.py [--models mlp cnn] [--lambdas 1e-3 1e-2 1e-1]
+     [--only ...] [--curvature hessian] [--peers]
 """
 
 import argparse
@@ -39,7 +44,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _peer_models as pm  # noqa: E402
 
 import tf_influence as tfi  # noqa: E402
-from tf_influence.linalg import extreme_eigenvalues  # noqa: E402
 
 LABELS = {"direct": "exact (direct)", "ekfac": "EKFAC", "kfac": "KFAC", "ekfac_sampled": "EKFAC sampled",
           "ekfac_refined": "EKFAC refined", "kfac_tridiagonal": "tridiagonal KFAC", "arnoldi": "Arnoldi",
@@ -64,6 +68,16 @@ def build(name, data, args):
     return model, x
 
 
+def lissa_settings(damping, spectrum, args):
+    """Scale s (--lissa-scale, or 1.1·λ_max), depth min(--lissa-depth, J) with (1 − μ/s)^J ≤ 1e-3,
+    μ = λ + min(λ_min, 0) the smallest eigenvalue of the damped curvature."""
+    largest, smallest = spectrum
+    scale = args.lissa_scale or 1.1 * largest
+    mu = damping + min(smallest, 0.0)
+    depth = args.lissa_depth if mu <= 0 else min(args.lissa_depth, math.ceil(math.log(1e3) / -math.log1p(-mu / scale)))
+    return dict(scale=scale, depth=depth, batch_size=args.lissa_batch)
+
+
 def solver(method, damping, args, spectrum):
     if method == "direct":
         return "direct"
@@ -79,10 +93,9 @@ def solver(method, damping, args, spectrum):
         return tfi.solvers.Arnoldi(rank=args.rank)
     if method == "cg":
         return tfi.solvers.CG(tol=1e-6)
-    scale = 1.1 * spectrum
-    depth = min(args.lissa_depth, math.ceil(math.log(1e3) / -math.log1p(-damping / scale)))
-    return tfi.solvers.LiSSA(scale=scale, batch_size=args.lissa_batch, recursion_depth=depth, seed=0,
-                             progress=False, check_residual=False)
+    lissa = lissa_settings(damping, spectrum, args)
+    return tfi.solvers.LiSSA(scale=lissa["scale"], batch_size=lissa["batch_size"], recursion_depth=lissa["depth"],
+                             seed=0, progress=False, check_residual=False)
 
 
 def run(method, model, train, test, damping, args, spectrum):
@@ -116,6 +129,8 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=200)
     parser.add_argument("--lissa-depth", type=int, default=3000)
     parser.add_argument("--lissa-batch", type=int, default=100)
+    parser.add_argument("--lissa-scale", type=float, default=None, help="default: 1.1·λ_max")
+    parser.add_argument("--peers", action="store_true", help="also pyDVL and kronfluence on the MLP (peers' venv)")
     parser.add_argument("--batch-size", type=int, default=1200)
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--cnn-epochs", type=int, default=40)
@@ -130,12 +145,16 @@ def main(argv=None):
         train, test = (x_train, data["y_train"]), (x_test, data["y_test"])
         undamped = tfi.HessianOperator(model, pm.loss_fn(), train, curvature=args.curvature,
                                        batch_size=args.batch_size)
-        spectrum = extreme_eigenvalues(undamped, num_iterations=30).largest
-        print(f"{name}: {pm.num_parameters(model)} parameters, λ_max ≈ {spectrum:.3g}", flush=True)
         start = time.perf_counter()
         dense = undamped.to_dense().numpy()
+        dense = 0.5 * (dense + dense.T)
         g_train, g_test = pm.keras_gradients(model, *train), pm.keras_gradients(model, *test)
         build_seconds = time.perf_counter() - start
+        eigenvalues = np.linalg.eigvalsh(dense)
+        spectrum = (float(eigenvalues[-1]), float(eigenvalues[0]))
+        print(f"{name}: {pm.num_parameters(model)} parameters, eigenvalues of the curvature in "
+              f"[{spectrum[1]:.3g}, {spectrum[0]:.3g}]", flush=True)
+        peer_runs = peers(model, train, test, args) if args.peers and name == "mlp" else None
         for damping in args.lambdas:
             start = time.perf_counter()
             truth = pm.exact_scores(dense, g_test, g_train, damping)
@@ -152,9 +171,41 @@ def main(argv=None):
                                  note=note))
                 print(f"  {name} λ={damping:g} {LABELS[method]:17s} Pearson {pearson:.4f}  {seconds:7.2f} s  {note}",
                       flush=True)
+            for label, make in (peer_runs or {}).items():
+                start = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    scores = make(damping, lissa_settings(damping, spectrum, args))()
+                seconds = time.perf_counter() - start
+                pearson = pm.compare(scores, truth)[0]
+                LABELS[label] = label
+                rows.append(dict(model=name, damping=damping, method=label, pearson=pearson, seconds=seconds,
+                                 note=""))
+                print(f"  {name} λ={damping:g} {label:17s} Pearson {pearson:.4f}  {seconds:7.2f} s", flush=True)
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
     print_table(rows, args)
     return rows
+
+
+def peers(model, train, test, args):
+    """pyDVL and kronfluence on the PyTorch twin of the MLP (`peers.py`), same data and batch size."""
+    import _peer_libs as libs
+
+    ok, versions = libs.available()
+    if not ok:
+        print(f"peers not available ({versions}); run with /work/venv-peers/bin/python", flush=True)
+        return None
+    libs.setup()
+    twin = pm.torch_mlp_from_keras(model)
+    pm.check_logits(model, twin, train[0])
+    print(f"peers: {versions}", flush=True)
+    common = dict(batch_size=args.batch_size)
+    return {
+        "pyDVL EKFAC": lambda d, lissa: libs.pydvl_run("ekfac", twin, train, test, d, **common),
+        "pyDVL LiSSA": lambda d, lissa: libs.pydvl_run("lissa", twin, train, test, d, lissa=lissa, **common),
+        "pyDVL CG": lambda d, lissa: libs.pydvl_run("cg", twin, train, test, d, **common),
+        "kronfluence EKFAC": lambda d, lissa: libs.kronfluence_run("ekfac", twin, train, test, d, **common),
+    }
 
 
 def print_table(rows, args):
@@ -163,7 +214,8 @@ def print_table(rows, args):
     print(header)
     print("|" + "---|" * (len(lambdas) + 2))
     for name in args.models:
-        for method in ("direct",) + tuple(args.only):
+        methods = list(dict.fromkeys(r["method"] for r in rows if r["model"] == name))
+        for method in methods:
             cells = []
             for damping in lambdas:
                 match = [r for r in rows if r["model"] == name and r["method"] == method and r["damping"] == damping]
