@@ -642,7 +642,8 @@ def test_true_fisher_needs_a_known_likelihood(float64, rng):
     objective = tfi.Objective(model, lambda y, p: tf.reduce_mean(tf.abs(y - p), axis=-1))
     data = (rng.standard_normal((5, 3)), rng.standard_normal((5, 2)))
     with pytest.raises(tfi.InputError, match=r"fisher='true' .* Received loss '<lambda>'. Use fisher='ggn'"):
-        _fit(objective, data)
+        _fit(objective, data, fisher="true")
+    assert _fit(objective, data).settings.fisher == "ggn"  # the default for 2 outputs: the exact expectation
     assert _fit(objective, data, fisher="empirical").num_examples == 5
     with pytest.raises(tfi.InputError, match=r"EKFAC factors are computed from a model and its data, but this "
                                              r"operator \(LinearOperatorIdentity\) has none"):

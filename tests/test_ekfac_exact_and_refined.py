@@ -80,12 +80,13 @@ def test_default_exact_expectation_ekfac_equals_closed_form(float64, rng):
 
 
 def test_auto_uses_sampled_labels_for_many_outputs(float64, rng):
-    """More than EXACT_MAX_OUTPUTS classes: one sampled label per example (for a loss the sampler
-    knows; the exact expectation otherwise); the exact mode stays available explicitly."""
+    """More than EXACT_MAX_OUTPUTS classes: one sampled label per example (a loss the sampler does
+    not know is refused, not run with one back-propagation per output); "ggn" stays explicit."""
     objective = tfi.Objective(_mlp(classes=targets.EXACT_MAX_OUTPUTS + 1), CE_LOGITS)
     outputs = objective.outputs(rng.standard_normal((2, 4)))
     assert targets.resolve_fisher(objective, outputs, "auto") == "true"
-    assert targets.resolve_fisher(tfi.Objective(objective.model, sce), outputs, "auto") == "ggn"
+    with pytest.raises(tfi.InputError, match="fisher='true'"):
+        targets.check_outputs(tfi.Objective(objective.model, sce), outputs, "auto")
     assert targets.target_count(objective, outputs, "auto") == 1
     assert targets.target_count(objective, outputs, "ggn") == targets.EXACT_MAX_OUTPUTS + 1
     small = tfi.Objective(_mlp(classes=targets.EXACT_MAX_OUTPUTS), CE_LOGITS)

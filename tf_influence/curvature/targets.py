@@ -17,7 +17,7 @@ weights `c_s` is a valid "target" for a curvature `C = Σ_i w_i J_iᵀ M_i J_i /
   fisher="auto"      "ggn" when an example's output has at most `EXACT_MAX_OUTPUTS` entries (classifiers
                      with up to 32 classes, small regressions), else "true" (one sampled label per
                      example: the cost of one backward pass instead of one per output entry, e.g.
-                     for language models), or "ggn" for a loss "true" cannot sample.
+                     for language models; a loss the sampler does not know is refused there).
 
 Why the exact expectation is the default for few outputs: one sampled label per example adds noise
 to every factor. On a digits MLP (64-32-10, 1,200 examples, benchmarks/ekfac_ablation.py), the
@@ -112,16 +112,13 @@ def output_entries(outputs):
 
 def resolve_fisher(objective, outputs, fisher):
     """The mode to use: `fisher` itself, or for "auto" the exact "ggn" when an example's output has
-    at most `EXACT_MAX_OUTPUTS` entries (or the loss has no sampler), else "true"."""
+    at most `EXACT_MAX_OUTPUTS` entries, else "true" (whose sampler refuses a loss it does not know,
+    saying to choose a mode, rather than silently running one back-propagation per output entry)."""
     if fisher != "auto":
         return fisher
-    if output_entries(outputs) <= EXACT_MAX_OUTPUTS:
-        return "ggn"
-    try:
-        _sampler(objective, outputs)
-    except InputError:
-        return "ggn"
-    return "true"
+    if any(d is None for d in outputs.shape[1:]):  # e.g. sequences of any length: sample
+        return "true"
+    return "ggn" if output_entries(outputs) <= EXACT_MAX_OUTPUTS else "true"
 
 
 def target_count(objective, outputs, fisher, num_samples=1):
