@@ -10,6 +10,12 @@ then dense per-layer blocks of size `d_a·d_g` (memory `8·(d_a·d_g)²` bytes p
 Cholesky `O((d_a·d_g)³)`), so it suits layers of up to a few thousand parameters
 (`max_layer_size`). Each solve: a few dense matmuls per layer.
 
+Measured (benchmarks/approximations.py, digits, against the exact damped Gauss-Newton solve): on
+the 64-32-10 MLP it is slightly closer than block-diagonal KFAC (Pearson 0.726 vs 0.718 at
+λ = 1e-3, 0.901 vs 0.893 at 1e-2, 0.987 vs 0.981 at 0.1); on a Conv2D → Flatten → Dense CNN it is
+far worse (0.529 vs 0.923 at 1e-3), because the convolution must use "reduce" factors, which fit a
+flattened (not pooled) convolution badly. Prefer EKFAC with `tol=` where accuracy matters.
+
 Stop rule: none (one-shot). `info.residual` is NaN (`residual_is_estimate=True`).
 """
 
