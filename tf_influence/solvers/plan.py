@@ -196,7 +196,7 @@ def plan_routes(source, *, n_test=100, self_influence=False, memory_bytes=None, 
 def _choose(routes, max_seconds):
     exact = [r for r in routes if r.applicable and r.exact]
     ekfac = next(r for r in routes if r.name == "ekfac")
-    best = min(exact, key=lambda r: r.seconds, default=None)
+    cheapest = best = min(exact, key=lambda r: r.seconds, default=None)
     direct = routes[0]
     if best is not None and direct.applicable and direct.seconds <= DIRECT_PREFERENCE * best.seconds:
         best = direct  # the simplest exact route (any model, an exact residual) unless much dearer
@@ -209,8 +209,9 @@ def _choose(routes, max_seconds):
         return ekfac, (f"the cheapest exact route ({best.name}) is estimated at {_seconds(best.seconds)}, above "
                        f"max_seconds={max_seconds:g}; EKFAC approximates it in ~{_seconds(ekfac.seconds)}")
     others = ", ".join(f"{r.name} ~{_seconds(r.seconds)}" for r in exact if r is not best)
-    within = f" (or within {DIRECT_PREFERENCE:g}x of it)" if best is direct else ""
-    return best, (f"{best.name} is the cheapest exact route{within} (~{_seconds(best.seconds)}, "
+    what = ("the cheapest exact route" if best is cheapest else
+            f"within {DIRECT_PREFERENCE:g}x of the cheapest exact route ({cheapest.name}) and the simplest")
+    return best, (f"{best.name} is {what} (~{_seconds(best.seconds)}, "
                   f"{_bytes(best.memory_bytes)})" + (f"; {others}" if others else ""))
 
 
