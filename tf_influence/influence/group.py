@@ -9,6 +9,11 @@ For a group U with weight fraction `p = Σ_{i∈U} wᵢ / Σw`, write (docs/math
 
     Δm⁽¹⁾ = ⟨∇m, (H + λI)⁻¹ ĝ_U⟩
 
+It leaves out that the mean of the remaining losses is renormalised while the regulariser Ω is
+not, so the regulariser gains weight: to first order `p ⟨∇m, (H + λI)⁻¹ ∇Ω⟩` (`regularization_term`;
+zero without l2 or weight regularisers). `first_order + regularization_term` is the first-order
+Taylor expansion of leave-group-out retraining in the group's weight.
+
 **Second order** is Basu, You & Feizi (2020, "On Second-Order Group Influence Functions for
 Black-Box Predictions", ICML), applied to the training objective written as a mean of
 `ℓ̃ᵢ = ℓᵢ + Ω` (removing examples renormalises the mean of the losses but not the regulariser Ω, and
@@ -32,6 +37,7 @@ method that solves with `H + λI`.
 """
 
 import dataclasses
+import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -41,6 +47,8 @@ from tf_influence.data import DEFAULT_BATCH_SIZE
 from tf_influence.errors import InputError, SecondDerivativeError
 from tf_influence.traps import second_derivative_traps, trap_message
 
+_COMPILED = weakref.WeakKeyDictionary()  # Influence -> its compiled group functions (traced once)
+
 
 @dataclasses.dataclass(frozen=True)
 class GroupInfluence:
@@ -49,6 +57,8 @@ class GroupInfluence:
     Attributes:
       first_order: `[n_test, n_groups]`, the sum of the individual predicted changes.
       second_order: `[n_test, n_groups]`, Basu et al.'s second-order prediction (None for `order=1`).
+      regularization_term: `[n_test, n_groups]`, the first-order effect of the regulariser's relative
+        weight growing when the group is removed (see the module docstring).
       fractions: `[n_groups]`, each group's share `p` of the training weight.
       sizes: `[n_groups]`, the number of examples in each group.
 
@@ -58,6 +68,7 @@ class GroupInfluence:
 
     first_order: np.ndarray
     second_order: np.ndarray
+    regularization_term: np.ndarray
     fractions: np.ndarray
     sizes: np.ndarray
 
@@ -94,17 +105,20 @@ def group_influence(influence, test, groups, *, order=2):
     members = np.unique(np.concatenate(groups))
     examples = _gather(influence.problem.dataset, members)
     chunk = influence.problem.batch_size or DEFAULT_BATCH_SIZE
-    gradient_sum = _compiled_gradient_sum(influence)
+    if influence not in _COMPILED:
+        _COMPILED[influence] = (_compiled_gradient_sum(influence), _compiled_curvature(influence),
+                                _regularizer(influence))
+    gradient_sum, product, (reg_gradient_fn, reg_product) = _COMPILED[influence]
     group_gradients = np.stack([
         _over_chunks(examples, np.searchsorted(members, g), chunk, gradient_sum) / total for g in groups])
     sigma = influence.measurement.orientation
     first = sigma * directions @ group_gradients.T
+    reg_gradient = reg_gradient_fn().numpy()
+    regularization = sigma * np.outer(directions @ reg_gradient, fractions)
     second = None
     if order == 2:
-        reg_gradient, reg_product = _regularizer(influence)
         tilde = group_gradients + fractions[:, np.newaxis] * reg_gradient[np.newaxis, :]
         u = np.asarray(influence.solve(tf.constant(tilde, influence.space.dtype)))
-        product = _compiled_curvature(influence)
         curved = np.stack([
             _over_chunks(examples, np.searchsorted(members, g), chunk, product, u[j]) / total
             + fractions[j] * reg_product(u[j]) for j, g in enumerate(groups)])
@@ -112,7 +126,7 @@ def group_influence(influence, test, groups, *, order=2):
         c2 = 1.0 / (1.0 - fractions) ** 2
         second = sigma * (c1 * (directions @ tilde.T) + c2 * (directions @ curved.T))
     return GroupInfluence(np.asarray(first, np.float64), None if second is None else np.asarray(second, np.float64),
-                          fractions, np.array([len(g) for g in groups]))
+                          np.asarray(regularization, np.float64), fractions, np.array([len(g) for g in groups]))
 
 
 def _check_groups(groups, n):
@@ -206,18 +220,21 @@ def _compiled_curvature(influence):
 
 
 def _regularizer(influence):
-    """`(∇Ω(θ) [p], fn(v) -> ∇²Ω v [p])` for the objective's weight regularisers and l2."""
+    """`(fn() -> ∇Ω(θ) [p], fn(v) -> ∇²Ω v [p])` for the objective's weight regularisers and l2."""
     problem = influence.problem
     space, tf_vars = problem.space, problem.tf_variables
-    with tf.GradientTape() as tape:
-        tape.watch(tf_vars)
-        value = problem.objective.regularization(problem.variables)
-    grads = tape.gradient(value, tf_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    gradient = space.flatten(grads).numpy()
 
+    @tf.function
+    def gradient():
+        with tf.GradientTape() as tape:
+            tape.watch(tf_vars)
+            value = problem.objective.regularization(problem.variables)
+        return space.flatten(tape.gradient(value, tf_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+
+    @tf.function
     def product(vector):
-        tangents = space.unflatten(tf.constant(vector, space.dtype)[tf.newaxis])
+        tangents = space.unflatten(vector[tf.newaxis])
         return space.flatten(regularizer_curvature_product(problem.objective, tf_vars, problem.variables, tangents),
-                             batch_dims=1)[0].numpy()
+                             batch_dims=1)[0]
 
-    return gradient, product
+    return gradient, lambda vector: product(tf.constant(vector, space.dtype)).numpy()

@@ -35,7 +35,8 @@ def score_to_file(influence, test, path, *, resume=True, progress=None):
       progress: show a progress bar with an ETA (default: `influence.progress`).
 
     Returns:
-      The scores as a read-only `np.memmap` `[n_test, n_train]` (positive = helpful).
+      The scores as a read-only `np.memmap` `[n_test, n_train]` (positive = helpful), of the
+      Influence's measurement (the loss by default).
 
     Example:
       >>> scores = tfi.score_to_file(inf, (x_test, y_test), "scores.npy")   # Ctrl-C, then again:
@@ -101,7 +102,7 @@ def _fingerprint(influence, test_dataset):
     digest = hashlib.sha1()
     digest.update(influence.check_weights().encode())  # the model weights (refreshes stale caches)
     settings = (influence.method, influence.damping, influence.objective.l2, influence.source.curvature,
-                influence.space.size, influence.n_train, repr(influence.solver))
+                influence.space.size, influence.n_train, repr(influence.solver), repr(influence.measurement))
     digest.update(repr(settings).encode())
     for x, y, _ in test_dataset:
         for t in tf.nest.flatten((x, y)):
