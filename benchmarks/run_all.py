@@ -3,7 +3,7 @@
 Each script runs in its own process (so timings and peak memory are its own); its full output is
 kept, and the headline figures are pulled from its printed tables into one summary:
 HVP/gradient ratio, CG iteration cost, scoring speed, EKFAC fit cost, chain-solver depth scaling,
-large-model memory, distributed speed-up. Everything goes to `benchmarks/RESULTS.md`, so a run on
+large-model memory, distributed speed-up, LDS (attribution quality). Everything goes to `benchmarks/RESULTS.md`, so a run on
 another machine can be compared line by line.
 
 Run: python benchmarks/run_all.py [--quick] [--only hvp solvers ...] [--output RESULTS.md]
@@ -30,6 +30,7 @@ SCRIPTS = {
     "ekfac": ([], ["--n-train", "2000", "--n-test", "100", "--cg-test", "4"]),
     "large": ([], ["--quick"]),
     "distribute": ([], ["--quick"]),
+    "lds": ([], ["--quick"]),
 }
 
 _NOISE = re.compile(r"^(I0000|W0000|E0000|WARNING: All log|To enable the following)")
@@ -76,6 +77,12 @@ SUMMARY = [
     ("large CNN: peak RSS ratio, largest / smallest n_train", "large", lambda t: _last_column(t, "RSS ratio")),
     ("large CNN: training examples scored per second", "large", lambda t: _last_column(t, "train examples/s")),
     ("distributed speed-up (2 replicas)", "distribute", lambda t: _search(t, r"speed-up[^:]*: ([\d.]+x)")),
+    ("LDS, digits MLP, cg λ=1e-3 (exact solve)", "lds", lambda t: _find(t, "mlp", "cg", "0.001", column=3)),
+    ("LDS, digits MLP, ekfac λ=1e-3", "lds", lambda t: _find(t, "mlp", "ekfac", "0.001", column=3)),
+    ("LDS, digits MLP, gradient dot product (no curvature)", "lds",
+     lambda t: _find(t, "mlp", "gradient dot product", column=3)),
+    ("LDS, digits MLP, ceiling (agreement of 2 initialisations)", "lds",
+     lambda t: _search(t, r"ceiling \(mlp\)[^=]*= ([\d.]+)")),
 ]
 
 
