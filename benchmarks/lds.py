@@ -113,28 +113,55 @@ def gradient_dot(problem):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# PEER HOOK — pyDVL / kronfluence on the identical weights exported to PyTorch (benchmarks/peers.py, which
-# is written separately). Contract: `peers.lds_attributions(model, train, test, *, loss, l2, dampings)`
-# with `loss` "binary_crossentropy" or "sparse_categorical_crossentropy" (from logits, mean objective plus
-# (l2/2)‖θ‖² over all weights) returns {label: (attributions [n_test, n_train], seconds)} in
-# predicted-loss-change units (positive = removing the training point raises the test loss), or raises
-# ImportError when torch / pyDVL / kronfluence are missing.
+# PEER HOOK — pyDVL and kronfluence on the identical weights, exported to PyTorch by the peers benchmark's
+# helpers (`benchmarks/_peer_models.py`: torch_mlp_from_keras, check_logits; `benchmarks/_peer_libs.py`:
+# available, setup, pydvl_run, kronfluence_run). Until those modules are importable (and torch, pyDVL and
+# kronfluence installed: see benchmarks/README.md), the hook returns None and the tables have no peer rows.
+# The peers minimise the mean cross-entropy without the l2 term, so they get λ + l2 to solve the same
+# system (H_loss + l2·I + λI) x = b; their scores g_tᵀ(...)⁻¹g_i (positive = helpful) are divided by n to
+# give predicted loss changes. Only the softmax MLP is exported (the peers' loss is F.cross_entropy).
 # ---------------------------------------------------------------------------------------------------------
 
+PEER_METHODS = (("pyDVL", "direct"), ("pyDVL", "cg"), ("pyDVL", "ekfac"), ("pyDVL", "kfac"),
+                ("kronfluence", "ekfac"), ("kronfluence", "kfac"))
+
+
 def peer_attributions(problem, dampings, log=print):
-    """Peer libraries' attribution matrices for `problem`, or None when the peers are not importable."""
+    """`{label: (attributions [n_test, n_train] or None, seconds, note)}` from the peers, or None when the
+    peers are not importable. A peer run that raises is kept as a row with its error as the note."""
     try:
-        import peers
-        compute = peers.lds_attributions
-    except (ImportError, AttributeError) as e:
-        log(f"[{problem.name}] peers not run: {type(e).__name__}: {e}")
-        return None
-    try:
-        return compute(problem.model, problem.train, problem.test, loss=problem.loss_name, l2=problem.l2,
-                       dampings=tuple(dampings))
+        import _peer_libs
+        import _peer_models
     except ImportError as e:
-        log(f"[{problem.name}] peers not run: {e}")
+        log(f"[{problem.name}] peers not run: {e} (the peers benchmark's helpers are not here)")
         return None
+    available, why = _peer_libs.available()
+    if not available:
+        log(f"[{problem.name}] peers not run: {why}")
+        return None
+    if problem.loss_name != "sparse_categorical_crossentropy":
+        log(f"[{problem.name}] peers not run: only the softmax MLP is exported to PyTorch")
+        return None
+    _peer_libs.setup()
+    twin = _peer_models.torch_mlp_from_keras(problem.model)
+    _peer_models.check_logits(problem.model, twin, problem.train[0])
+    n = len(problem.train[1])
+    out = {}
+    for library, method in PEER_METHODS:
+        for damping in dampings:
+            label = f"{library} {method} λ={damping:g}"
+            if library == "pyDVL":
+                run = _peer_libs.pydvl_run(method, twin, problem.train, problem.test, damping + problem.l2,
+                                           batch_size=n, cg_rtol=1e-4)
+            else:
+                run = _peer_libs.kronfluence_run(method, twin, problem.train, problem.test,
+                                                 damping + problem.l2, batch_size=n)
+            start = time.perf_counter()
+            try:
+                out[label] = (run() / n, time.perf_counter() - start, "")
+            except Exception as e:  # noqa: BLE001 - a peer's failure is a row, not a crash
+                out[label] = (None, time.perf_counter() - start, f"FAILED ({type(e).__name__}): {_first_line(e)}")
+    return out
 
 
 def lds(problem, attributions):
@@ -173,8 +200,8 @@ def evaluate(problem, methods, dampings, *, with_peers=True, log=print):
     random = np.random.default_rng(0).standard_normal(attributions.shape)
     add("random", None, random, 0.0)
     peers = peer_attributions(problem, dampings, log) if with_peers else None
-    for label, (attributions, seconds) in (peers or {}).items():
-        add(f"peer: {label}", None, attributions, seconds)
+    for label, (attributions, seconds, note) in (peers or {}).items():
+        add(f"peer: {label}", None, attributions, seconds, note)
     return rows
 
 
