@@ -4,8 +4,8 @@ Each script runs in its own process (so timings and peak memory are its own); it
 kept, and the headline figures are pulled from its printed tables into one summary:
 HVP/gradient ratio, CG iteration cost, scoring speed, EKFAC fit cost, chain-solver depth scaling,
 large-model memory, distributed speed-up, LDS (attribution quality), time against pyDVL / kronfluence
-(peers.py: its peer rows need run_all to run under the peers' venv, see README.md). Everything goes to `benchmarks/RESULTS.md`,
-so a run on another machine can be compared line by line.
+(peers.py: its peer rows need run_all to run under the peers' venv, see README.md). Everything goes
+to `benchmarks/RESULTS.md`, so a run on another machine can be compared line by line.
 
 Run: python benchmarks/run_all.py [--quick] [--only hvp solvers ...] [--output RESULTS.md]
 """
