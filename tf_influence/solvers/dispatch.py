@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from tf_influence.errors import InputError
 from tf_influence.solvers.arnoldi import Arnoldi
+from tf_influence.solvers.auto import Auto
 from tf_influence.solvers.cg import CG
 from tf_influence.solvers.chain import Chain
 from tf_influence.solvers.direct import Direct
@@ -19,9 +20,8 @@ from tf_influence.solvers.lissa import LiSSA
 from tf_influence.solvers.scipy_ncg import ScipyNCG
 from tf_influence.solvers.tridiagonal_kfac import TridiagonalKFAC
 
-SOLVERS = {"direct": Direct, "cg": CG, "lissa": LiSSA, "scipy": ScipyNCG, "scipy_ncg": ScipyNCG,
-           "ekfac": EKFAC, "kfac": KFAC, "chain": Chain, "arnoldi": Arnoldi,
-           "kfac_tridiagonal": TridiagonalKFAC}
+SOLVERS = {"auto": Auto, "direct": Direct, "cg": CG, "lissa": LiSSA, "scipy": ScipyNCG, "scipy_ncg": ScipyNCG,
+           "ekfac": EKFAC, "kfac": KFAC, "chain": Chain, "arnoldi": Arnoldi, "kfac_tridiagonal": TridiagonalKFAC}
 
 
 def make_solver(method, **options):
