@@ -96,6 +96,19 @@ def run_setting(name, seeds, log=print):
     return {c: np.array(f) for c, f in found.items()}, len(flipped)
 
 
+def verdict(found):
+    """One line per budget: each influence criterion against the training-loss baseline (mean difference
+    over seeds, and on how many seeds it found more / fewer flipped labels)."""
+    baseline = found["training loss"]
+    lines = []
+    for criterion in ("self-influence (last layer)", "validation influence (last layer)"):
+        difference = found[criterion] - baseline
+        parts = [f"top {b:.0%}: {d.mean():+.1f} (more on {(d > 0).sum()}, fewer on {(d < 0).sum()} of {len(d)} seeds)"
+                 for b, d in zip(BUDGETS, difference.T)]
+        lines.append(f"{criterion} minus training loss: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
@@ -113,6 +126,7 @@ def main(argv=None):
             se = counts.std(axis=0, ddof=1) / np.sqrt(len(counts)) if len(counts) > 1 else np.zeros(len(BUDGETS))
             print(f"| {criterion} | " + " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in zip(counts.mean(0), se)) + " |")
         print("| random (expected) | " + " | ".join(f"{b * n_flipped:.1f}" for b in BUDGETS) + " |")
+        print(verdict(results[name]))
     print(f"\nDone in {time.perf_counter() - start:.0f} s.")
     return results
 
