@@ -16,9 +16,26 @@ blends `0.55·xᵢ + 0.45·xⱼ` of two digits of different classes that keep th
 digit (hard but correctly labelled examples, which a loss ranking also flags); and a model that
 memorises its training set (no weight decay, 300 epochs), so flipped labels end with low loss.
 
-RESULTS_PLACEHOLDER
+Measured (3 seeds, `python examples/mislabel_detection.py`, 2-core machine under load ~20; flipped
+labels found of 60, mean ± s.e. over seeds; top 5% / 10% / 20% of the ranking):
+
+  plain:  training loss 53.3 ± 0.9 / 59.3 ± 0.7 / 60; gradient norm² 54.3 ± 0.3 / 59.7 ± 0.3 / 60;
+          self-influence 53.3 ± 0.9 / 59.3 ± 0.7 / 60 (the same counts as the loss on every seed);
+          validation influence 44.7 ± 1.8 / 49.3 ± 1.9 / 49.7 ± 1.8.
+  blends: training loss 48.3 ± 1.9 / 58.3 ± 0.3 / 60; gradient norm² 52.0 ± 0.0 / 58.7 ± 0.3 / 60;
+          self-influence 50.7 ± 1.2 / 60.0 ± 0.0 / 60 (more than the loss on 3 of 3 seeds at 5% and
+          10%); validation influence 41.0 ± 1.5 / 50.0 ± 1.7 / 50.3 ± 1.5.
+
+So: with plain random flips self-influence adds nothing over the training loss. With ambiguous but
+correctly labelled images in the data, which also have a high loss, self-influence ranks the flipped
+labels higher than the loss does (+2.3 at 5%, +1.7 at 10%), but the curvature-free gradient norm
+does as well at 5% (52.0). Summed influence on clean validation points is the worst criterion here:
+it ranks about 10 of the 60 flipped labels below its top 20% (it looks for examples predicted to
+raise the validation loss, which is not the same as being mislabeled). The "memorising"
+setting (300 epochs per seed) is not in the default run and was not measured.
 
 Run: python examples/mislabel_detection.py [--seeds 3] [--settings plain blends memorising]
+     (default: plain and blends, ~15 minutes on 2 cores under load ~20; memorising trains 300 epochs per seed)
 """
 
 import argparse
@@ -112,7 +129,7 @@ def verdict(found):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["plain", "blends"])
     args = parser.parse_args(argv)
     start = time.perf_counter()
     results = {}
