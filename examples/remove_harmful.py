@@ -18,7 +18,7 @@ Measured (5 seeds, `python examples/remove_harmful.py`: 78 s of CPU, 15 minutes 
 cores under load ~19; test accuracy, mean ± s.e. over seeds; docs/remove_harmful.png):
 
   10% flipped labels, none removed 0.9545 ± 0.0034; removing 1% / 2% / 5% / 10%:
-    influence on validation  0.9599 / 0.9625 / 0.9672 / 0.9692  (flipped among removed 12 / 23.6 / 58.2 / 99.8)
+    influence on validation  0.9599 / 0.9625 / 0.9672 / 0.9692  (flipped removed 12 / 23.6 / 58.2 / 99.8)
     training loss            0.9565 / 0.9605 / 0.9632 / 0.9679  (12 / 24 / 59.8 / 112.4)
     random                   0.9538 / 0.9532 / 0.9532 / 0.9518
   clean labels, none removed 0.9739 ± 0.0039; removing 1% / 2% / 5% / 10%:
@@ -27,10 +27,10 @@ cores under load ~19; test accuracy, mean ± s.e. over seeds; docs/remove_harmfu
     random                   0.9726 / 0.9739 / 0.9726 / 0.9726
 
 When influence wins and when not: with 10% flipped labels both informed criteria remove almost only
-flipped labels and raise test accuracy by 1.3-1.5 points; influence is ahead of the training loss
-by 0.2-0.4 points at every size, but by less than the standard errors (0.003-0.005), and at 10% the
-training loss reaches the lower test loss (0.189 vs 0.201: it removes 112 flipped labels, influence
-100). With clean labels there is nothing harmful to find: removing by either criterion lowers test
+flipped labels and raise test accuracy (by 1.5 / 1.3 points at 10%); influence is ahead of the
+training loss by 0.1-0.4 points at every size, but by less than the standard errors (0.003-0.005),
+and at 10% the training loss reaches the lower test loss (0.189 vs 0.201: it removes 112 flipped
+labels, influence 100). With clean labels there is nothing harmful to find: removing by either criterion lowers test
 accuracy (random removal leaves it unchanged); influence does less damage than the training loss
 (0.9645 vs 0.9572 at 5%), and neither beats removing nothing.
 
