@@ -214,7 +214,10 @@ def main(argv=None):
             print("matplotlib is not installed: no plot (pip install matplotlib).")
             args.plot = ""
     if args.plot:
-        check_target(args.plot, "--plot", replaceable=is_our_plot)
+        try:
+            check_target(args.plot, "--plot", replaceable=is_our_plot)
+        except tfi.InputError as e:
+            parser.error(str(e))
     start = time.perf_counter()
     summaries = {}
     for setting, flip_fraction in SETTINGS.items():
