@@ -62,7 +62,6 @@ METHODS = (
     MethodSpec("ekfac", dict(seed=0)),
     MethodSpec("kfac", dict(seed=0)),
     MethodSpec("chain"),
-    MethodSpec("arnoldi"),
 )
 
 
