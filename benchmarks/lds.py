@@ -127,7 +127,7 @@ PEER_METHODS = (("pyDVL", "direct"), ("pyDVL", "cg"), ("pyDVL", "ekfac"), ("pyDV
 
 
 def peer_attributions(problem, dampings, log=print):
-    """`{label: (attributions [n_test, n_train] or None, seconds, note)}` from the peers, or None when the
+    """`{(label, λ): (attributions [n_test, n_train] or None, seconds, note)}` from the peers, or None when the
     peers are not importable. A peer run that raises is kept as a row with its error as the note."""
     try:
         import _peer_libs
@@ -149,7 +149,7 @@ def peer_attributions(problem, dampings, log=print):
     out = {}
     for library, method in PEER_METHODS:
         for damping in dampings:
-            label = f"{library} {method} λ={damping:g}"
+            label = (f"{library} {method}", damping)
             if library == "pyDVL":
                 run = _peer_libs.pydvl_run(method, twin, problem.train, problem.test, damping + problem.l2,
                                            batch_size=n, cg_rtol=1e-4)
@@ -200,8 +200,8 @@ def evaluate(problem, methods, dampings, *, with_peers=True, log=print):
     random = np.random.default_rng(0).standard_normal(attributions.shape)
     add("random", None, random, 0.0)
     peers = peer_attributions(problem, dampings, log) if with_peers else None
-    for label, (attributions, seconds, note) in (peers or {}).items():
-        add(f"peer: {label}", None, attributions, seconds, note)
+    for (label, damping), (attributions, seconds, note) in (peers or {}).items():
+        add(f"peer: {label}", damping, attributions, seconds, note)
     return rows
 
 
