@@ -15,7 +15,7 @@ influence, up to scale) and random attributions. Times are attribution only (bui
 `Influence`, fitting factors, solving, scoring), per test row. Peers (pyDVL, kronfluence) on the
 identical weights plug in at `peer_attributions` below.
 
-Run: python benchmarks/lds.py [--quick] [--problems logreg mlp] [--methods direct cg ...]
+Run: python benchmarks/lds.py [--quick] [--problems logreg mlp] [--methods direct cg ...] [--no-peers]
      (retrained outcomes are cached in benchmarks/.cache/, so a rerun only recomputes attributions)
 """
 
@@ -231,7 +231,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="12 subsets, MLP with 300 train / 30 test points")
     parser.add_argument("--problems", nargs="+", choices=sorted(_lds_problems.PROBLEMS), default=["logreg", "mlp"])
-    parser.add_argument("--methods", nargs="+", help="method names to run (default: all in METHODS)")
+    parser.add_argument("--methods", nargs="+", help="method names to run (default: all in METHODS); an unknown "
+                        "name (e.g. 'none') is skipped, so '--methods none' runs only the baselines and the peers")
     parser.add_argument("--dampings", nargs="+", type=float, default=list(DAMPINGS))
     parser.add_argument("--subsets", type=int, help="number of half subsets (default 50, quick 12)")
     parser.add_argument("--no-peers", action="store_true", help="skip the peer hook")
