@@ -1,0 +1,136 @@
+"""Dense curvature matrices: the new compiled builders vs `HessianOperator.to_dense()` (p matvecs).
+
+Digits MLP 64-32-10 (2,410 parameters, 1,200 examples of scikit-learn's bundled digits, float64,
+trained a few epochs): one full-data gradient (the unit), `HessianOperator(...).to_dense()`, the dense
+Hessian, the dense Gauss-Newton matrix (BLAS and TensorFlow products); then the same builders on a
+64-128-128-10 MLP (~26k parameters). Wall and CPU seconds (CPU time is steadier on a shared machine).
+
+Run: python benchmarks/dense.py [--quick] [--profile] [--large-examples 1200] [--skip-large]
+  --quick     time to_dense() on its first 256 rows and scale by p / 256 (marked "extrapolated")
+  --profile   op-type breakdown (TF profiler) of the dense Hessian and Gauss-Newton builders
+"""
+
+import argparse
+import resource
+import time
+
+import _timing
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tf_influence as tfi
+from tf_influence.curvature.dense import dense_gauss_newton, dense_hessian, dense_regularizer_hessian
+from tf_influence.data import as_dataset
+from tf_influence.objective import Objective
+from tf_influence.params import ParameterSpace, select_variables, tf_variables
+
+
+def digits(n):
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    order = np.random.default_rng(0).permutation(len(data.target))[:n]
+    return (data.data[order] / 16.0).astype("float64"), data.target[order].astype("int64")
+
+
+def trained_mlp(hidden, x, y):
+    keras.utils.set_random_seed(0)
+    layers = [keras.layers.Dense(h, activation="tanh") for h in hidden]
+    model = keras.Sequential([keras.Input((x.shape[1],)), *layers, keras.layers.Dense(10)])
+    model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=5, batch_size=64, verbose=0)
+    return model
+
+
+def timed(fn):
+    start, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    _timing._block(result)
+    return result, time.perf_counter() - start, time.process_time() - cpu
+
+
+def peak_rss_gib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def bench(name, hidden, n, args, with_operator):
+    x, y = digits(n)
+    model = trained_mlp(hidden, x, y)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    objective = Objective(model, loss)
+    selected = select_variables(model)
+    tf_vars, space = tf_variables(selected), ParameterSpace(selected)
+    dataset = as_dataset((x, y), batch_size=args.batch)
+    p = space.size
+    operator = tfi.HessianOperator(model, objective, dataset)
+    t_grad = _timing.median_time(operator.gradient, repeats=5)
+    rows, results = [], {}
+
+    def add(label, seconds, cpu, note=""):
+        rows.append((name, f"{p:,}", label, f"{seconds:.2f}", f"{cpu:.2f}", f"{seconds / t_grad:,.0f}", note))
+
+    add("gradient pass (unit)", t_grad, float("nan"))
+    if with_operator:
+        if args.quick:
+            eye = tf.eye(p, dtype=space.dtype)[:256]
+            _, t, c = timed(lambda: operator.apply(eye))
+            add("HessianOperator.to_dense()", t * p / 256, c * p / 256, "extrapolated from 256 rows")
+        else:
+            results["to_dense"], t, c = timed(operator.to_dense)
+            add("HessianOperator.to_dense()", t, c)
+    for label, fn in (
+        ("dense_hessian (1st call)", lambda: dense_hessian(objective, tf_vars, space, dataset)),
+        ("dense_hessian", lambda: dense_hessian(objective, tf_vars, space, dataset)),
+        ("dense_gauss_newton blas (1st)", lambda: dense_gauss_newton(objective, tf_vars, space, dataset)),
+        ("dense_gauss_newton blas", lambda: dense_gauss_newton(objective, tf_vars, space, dataset)),
+        ("dense_gauss_newton tensorflow", lambda: dense_gauss_newton(objective, tf_vars, space, dataset,
+                                                                     gemm="tensorflow")),
+        ("dense_regularizer_hessian", lambda: dense_regularizer_hessian(objective, tf_vars, selected, space)),
+    ):
+        if "tensorflow" in label and p > 10_000 and not args.tf_gemm_large:
+            continue
+        results[label], t, c = timed(fn)
+        add(label, t, c, f"peak RSS {peak_rss_gib():.1f} GiB")
+        results[label] = results[label].numpy() if p <= 10_000 else None
+    if "to_dense" in results:
+        error = np.linalg.norm(results["dense_hessian"] - results["to_dense"].numpy()) / np.linalg.norm(
+            results["to_dense"].numpy())
+        print(f"{name}: relative difference dense_hessian vs to_dense(): {error:.1e}")
+    if results.get("dense_gauss_newton blas") is not None:
+        g, g_tf = results["dense_gauss_newton blas"], results["dense_gauss_newton tensorflow"]
+        print(f"{name}: relative difference GGN blas vs tensorflow: "
+              f"{np.linalg.norm(g - g_tf) / np.linalg.norm(g):.1e}")
+    if args.profile:
+        from _profile import op_times, print_op_times
+
+        print_op_times(f"{name}: dense_hessian", op_times(lambda: dense_hessian(objective, tf_vars, space, dataset)))
+        print_op_times(f"{name}: dense_gauss_newton (TensorFlow part; BLAS syrk not shown)",
+                       op_times(lambda: dense_gauss_newton(objective, tf_vars, space, dataset)))
+    return rows, t_grad
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--large-examples", type=int, default=1200)
+    parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--tf-gemm-large", action="store_true", help="also time gemm='tensorflow' at ~26k")
+    args = parser.parse_args()
+    keras.backend.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    rows, _ = bench("MLP 64-32-10", (32,), 1200, args, with_operator=True)
+    if not args.skip_large:
+        large, _ = bench("MLP 64-128-128-10", (128, 128), args.large_examples, args, with_operator=False)
+        rows += large
+    print(_timing.machine_info())
+    _timing.print_table(
+        f"Dense curvature matrices, float64, batch {args.batch}, digits (1,200 examples; large: "
+        f"{args.large_examples}); ratio = wall / one gradient pass",
+        ("model", "params", "what", "wall s", "CPU s", "ratio", "note"), rows)
+
+
+if __name__ == "__main__":
+    main()
