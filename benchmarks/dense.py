@@ -5,7 +5,8 @@ trained a few epochs): one full-data gradient (the unit), `HessianOperator(...).
 Hessian, the dense Gauss-Newton matrix (BLAS and TensorFlow products); then the same builders on a
 64-128-128-10 MLP (~26k parameters). Wall and CPU seconds (CPU time is steadier on a shared machine).
 
-Run: python benchmarks/dense.py [--quick] [--profile] [--large-examples 1200] [--skip-large]
+Run from the repository root: PYTHONPATH=. python benchmarks/dense.py [--quick] [--profile]
+                                 [--large-examples 1200] [--skip-large]
   --quick     time to_dense() on its first 256 rows and scale by p / 256 (marked "extrapolated")
   --profile   op-type breakdown (TF profiler) of the dense Hessian and Gauss-Newton builders
 """
@@ -68,9 +69,9 @@ def bench(name, hidden, n, args, with_operator):
     rows, results = [], {}
 
     def add(label, seconds, cpu, note=""):
-        rows.append((name, f"{p:,}", label, f"{seconds:.2f}", f"{cpu:.2f}", f"{seconds / t_grad:,.0f}", note))
+        rows.append([name, f"{p:,}", label, seconds, cpu, note])
 
-    add("gradient pass (unit)", t_grad, float("nan"))
+    add("gradient pass (unit)", t_grad, float("nan"), "median of 5")
     if with_operator:
         if args.quick:
             eye = tf.eye(p, dtype=space.dtype)[:256]
@@ -93,6 +94,17 @@ def bench(name, hidden, n, args, with_operator):
         results[label], t, c = timed(fn)
         add(label, t, c, f"peak RSS {peak_rss_gib():.1f} GiB")
         results[label] = results[label].numpy() if p <= 10_000 else None
+    if with_operator:  # the same builder on a float32 copy: TensorFlow's float32 matmul is oneDNN's
+        model32 = keras.Sequential([keras.Input((x.shape[1],), dtype="float32"), *[keras.layers.Dense(h, activation="tanh", dtype="float32")
+                                                                 for h in hidden], keras.layers.Dense(10, dtype="float32")])
+        model32.set_weights([w.astype("float32") for w in model.get_weights()])
+        objective32 = Objective(model32, loss)
+        tf_vars32, space32 = tf_variables(model32.trainable_variables), ParameterSpace(model32.trainable_variables)
+        dataset32 = as_dataset((x.astype("float32"), y), batch_size=args.batch)
+        dense_hessian(objective32, tf_vars32, space32, dataset32)
+        h32, t, c = timed(lambda: dense_hessian(objective32, tf_vars32, space32, dataset32))
+        error = np.linalg.norm(h32.numpy() - results["dense_hessian"]) / np.linalg.norm(results["dense_hessian"])
+        add("dense_hessian, float32 copy", t, c, f"rel. diff. to float64 {error:.0e}")
     if "to_dense" in results:
         error = np.linalg.norm(results["dense_hessian"] - results["to_dense"].numpy()) / np.linalg.norm(
             results["to_dense"].numpy())
@@ -107,7 +119,9 @@ def bench(name, hidden, n, args, with_operator):
         print_op_times(f"{name}: dense_hessian", op_times(lambda: dense_hessian(objective, tf_vars, space, dataset)))
         print_op_times(f"{name}: dense_gauss_newton (TensorFlow part; BLAS syrk not shown)",
                        op_times(lambda: dense_gauss_newton(objective, tf_vars, space, dataset)))
-    return rows, t_grad
+    reference = next((r[3] for r in rows if r[2] == "HessianOperator.to_dense()"), None)
+    return [[*r[:3], f"{r[3]:.2f}", f"{r[4]:.2f}", f"{r[3] / t_grad:,.0f}",
+             f"{reference / r[3]:.0f}x" if reference and r[2] != "gradient pass (unit)" else "", r[5]] for r in rows], t_grad
 
 
 def main():
@@ -128,8 +142,8 @@ def main():
     print(_timing.machine_info())
     _timing.print_table(
         f"Dense curvature matrices, float64, batch {args.batch}, digits (1,200 examples; large: "
-        f"{args.large_examples}); ratio = wall / one gradient pass",
-        ("model", "params", "what", "wall s", "CPU s", "ratio", "note"), rows)
+        f"{args.large_examples}); ratios of wall times",
+        ("model", "params", "what", "wall s", "CPU s", "/ gradient", "vs to_dense", "note"), rows)
 
 
 if __name__ == "__main__":

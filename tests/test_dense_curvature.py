@@ -9,7 +9,8 @@ from conftest import relative_error
 from models import logistic_regression, mlp, small_cnn, two_input_functional
 
 import tf_influence as tfi
-from tf_influence.curvature.dense import dense_gauss_newton, dense_hessian, dense_regularizer_hessian
+from tf_influence.curvature.dense import (dense_curvature, dense_gauss_newton, dense_hessian,
+                                          dense_regularizer_hessian)
 from tf_influence.data import as_dataset
 from tf_influence.objective import Objective
 from tf_influence.params import ParameterSpace, select_variables, tf_variables
@@ -92,18 +93,25 @@ def test_dense_hessian_matches_nested_tapes(float64, rng, name):
 
 
 @pytest.mark.parametrize("name", CASES)
-@pytest.mark.parametrize("gemm", ["blas", "tensorflow"])
-def test_dense_gauss_newton_matches_references(float64, rng, name, gemm):
+def test_dense_gauss_newton_matches_references(float64, rng, name):
     model, loss, x, y = _case(name, rng)
     w = _weights(rng, len(y))
     objective, tf_vars, selected, space, ds = _pieces(model, loss, (x, y, w))
-    G = dense_gauss_newton(objective, tf_vars, space, ds, gemm=gemm).numpy()
-    reg = dense_regularizer_hessian(objective, tf_vars, selected, space).numpy()
+    G = dense_gauss_newton(objective, tf_vars, space, ds, gemm="blas").numpy()
     assert relative_error(G, reference_gauss_newton(model, loss.call, x, y, w, selected)) <= 1e-10
-    if name in ("mlp", "two_input", "regularized"):  # the slow path, at test sizes
+    assert np.linalg.eigvalsh(G).min() >= -1e-12 * np.abs(G).max()   # convex losses: PSD
+    if name in ("mlp", "regularized"):  # the slow path, at test sizes; ∇²Ω added
+        reg = dense_regularizer_hessian(objective, tf_vars, selected, space).numpy()
         op = tfi.HessianOperator(model, objective, (x, y, w), curvature="gauss_newton", batch_size=8)
         assert relative_error(G + reg, op.to_dense().numpy()) <= 1e-10
-    assert np.linalg.eigvalsh(G).min() >= -1e-12 * np.abs(G).max()   # convex losses: PSD
+
+
+@pytest.mark.parametrize("name", ["cnn", "two_input"])
+def test_gemm_backends_agree(float64, rng, name):
+    model, loss, x, y = _case(name, rng)
+    objective, tf_vars, _, space, ds = _pieces(model, loss, (x, y, _weights(rng, len(y))))
+    G = dense_gauss_newton(objective, tf_vars, space, ds, gemm="blas")
+    assert relative_error(dense_gauss_newton(objective, tf_vars, space, ds, gemm="tensorflow"), G) <= 1e-13
 
 
 def test_gauss_newton_with_indefinite_output_hessian(float64, rng):
@@ -209,6 +217,16 @@ def test_regularizer_hessian_without_regularizers_is_l2_identity(float64, rng):
     np.testing.assert_allclose(R, 0.7 * np.eye(space.size), rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("curvature", ["hessian", "gauss_newton"])
+def test_dense_curvature_is_the_operators_dense_matrix(float64, rng, curvature):
+    model, loss, x, y = _case("regularized", rng)
+    w = _weights(rng, len(y))
+    objective, tf_vars, selected, space, ds = _pieces(model, loss, (x, y, w), l2=0.2)
+    A = dense_curvature(objective, tf_vars, selected, space, ds, curvature=curvature, damping=0.3)
+    op = tfi.HessianOperator(model, objective, (x, y, w), damping=0.3, curvature=curvature, batch_size=8)
+    assert relative_error(A, op.to_dense().numpy()) <= 1e-10
+
+
 def test_bad_options_are_refused(float64, rng):
     model, loss, x, y = _case("mlp", rng)
     objective, tf_vars, _, space, ds = _pieces(model, loss, (x, y))
@@ -216,6 +234,10 @@ def test_bad_options_are_refused(float64, rng):
         dense_gauss_newton(objective, tf_vars, space, ds, gemm="mkl")
     with pytest.raises(ValueError, match="chunk_size must be a positive integer or None. Received chunk_size=0"):
         dense_hessian(objective, tf_vars, space, ds, chunk_size=0)
+    with pytest.raises(ValueError, match="curvature must be 'hessian' or 'gauss_newton'. Received curvature='fisher'"):
+        dense_curvature(objective, tf_vars, tf_vars, space, ds, curvature="fisher")
+    with pytest.raises(ValueError, match="damping must be a finite number ≥ 0. Received damping=-1"):
+        dense_curvature(objective, tf_vars, tf_vars, space, ds, damping=-1.0)
     zero = tf.data.Dataset.from_tensor_slices((x, y, np.zeros(len(y)))).batch(8)   # as_dataset refuses it
     with pytest.raises(ValueError, match="total sample weight is 0.0"):
         dense_hessian(objective, tf_vars, space, zero)

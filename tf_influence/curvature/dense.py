@@ -55,9 +55,9 @@ def dense_gauss_newton(objective, tf_vars, space, dataset, *, gemm="auto", memor
       tf_vars: the selected variables as `tf.Variable`s (`params.tf_variables(selected)`).
       space: the `ParameterSpace` of the selected variables (p parameters).
       dataset: a batched `tf.data.Dataset` of `(x, y, w)` (`data.as_dataset`).
-      gemm: who forms `Σ ±UᵀU`: `"blas"` (SciPy `syrk` into a float64 NumPy accumulator),
-        `"tensorflow"` (`tf.matmul` in the model's dtype) or `"auto"` (BLAS when no GPU is
-        visible and `dtype` is float64).
+      gemm: who forms `Σ ±UᵀU`: `"blas"` (SciPy `syrk`, in place in a NumPy accumulator of
+        `dtype`), `"tensorflow"` (`tf.matmul` in the model's dtype, per batch) or `"auto"` (BLAS
+        when no GPU is visible and `dtype` is float64).
       memory_budget: approximate bytes for the transient per-example Jacobians (`[m, c, p]` for
         sub-batches of m examples); the result's `p²` entries come on top.
       dtype: dtype of the accumulation and of the result.
@@ -66,45 +66,13 @@ def dense_gauss_newton(objective, tf_vars, space, dataset, *, gemm="auto", memor
       A symmetric `[p, p]` tensor of `dtype`.
 
     Performance: one forward pass and c reverse passes per example (vectorised), then
-    `~(c-1)·n·p²` multiply-adds in the products; memory `p²` plus the budget.
+    `~(c-1)·n·p²` multiply-adds in the products (c output units, n examples); memory `p²` plus
+    the budget.
 
     Example:
       >>> G = dense_gauss_newton(objective, tf_vars, space, as_dataset((x, y)))
     """
-    if gemm not in GEMM_BACKENDS:
-        raise InputError(f"gemm must be one of {GEMM_BACKENDS}. Received gemm={gemm!r}.")
-    dtype = tf.as_dtype(dtype)
-    if gemm == "auto":
-        gemm = "blas" if dtype == tf.float64 and not tf.config.list_logical_devices("GPU") else "tensorflow"
-    p = space.size
-    first = _first_batch(dataset)
-    c = _output_size(objective, first[0])
-    per_example = c * p * (3 * space.dtype.size + 8)
-    sub_batch = max(1, int(memory_budget // per_example))
-    factors = tf.function(lambda x, y, w: _gauss_newton_factors(objective, tf_vars, space, x, y, w),
-                          input_signature=_batch_signature(dataset))
-    product = tf.function(lambda rows, signs: tf.matmul(rows, rows * signs[:, None], transpose_a=True),
-                          input_signature=[tf.TensorSpec([None, p], space.dtype), tf.TensorSpec([None], space.dtype)])
-    if gemm == "blas":
-        total = np.zeros((p, p), dtype=dtype.as_numpy_dtype, order="F")
-    else:
-        total = tf.zeros([p, p], dtype)
-    weight = 0.0
-    for x, y, w in dataset:
-        weight += float(tf.reduce_sum(tf.cast(w, tf.float64)))
-        n = int(tf.shape(w)[0])
-        for start in range(0, n, sub_batch):
-            rows, signs = factors(*tf.nest.map_structure(lambda t: t[start:start + sub_batch], (x, y, w)))  # noqa: B023
-            if gemm == "blas":
-                _blas_add(total, rows.numpy(), signs.numpy())
-            else:
-                total += tf.cast(product(rows, signs), dtype)
-    _check_weight(weight)
-    if gemm == "blas":
-        _mirror_upper(total)
-        total /= weight
-        return tf.convert_to_tensor(total)
-    return 0.5 * (total + tf.transpose(total)) / tf.cast(weight, dtype)
+    return tf.convert_to_tensor(_gauss_newton_array(objective, tf_vars, space, dataset, gemm, memory_budget, dtype))
 
 
 def dense_hessian(objective, tf_vars, space, dataset, *, chunk_size=None, memory_budget=DEFAULT_MEMORY_BUDGET,
@@ -121,8 +89,8 @@ def dense_hessian(objective, tf_vars, space, dataset, *, chunk_size=None, memory
       chunk_size: Hessian rows per compiled pass over the data. Default: as many as fit in
         `memory_budget`, at most 256 (larger chunks measured no faster on CPU).
       memory_budget: approximate bytes for one chunk's vectorised intermediates (about
-        `3·chunk_size·(batch·a + f)` entries for a model with a entries of activations and
-        gradients per example and f of parameter-sized ones).
+        `3·chunk_size·(batch·a + f)` entries for a model whose gradient graph holds a entries per
+        example and f fixed ones; both are counted by tracing that graph).
       dtype: dtype of the sum over batches and of the result.
 
     Returns:
@@ -135,35 +103,7 @@ def dense_hessian(objective, tf_vars, space, dataset, *, chunk_size=None, memory
       >>> H = dense_hessian(objective, tf_vars, space, as_dataset((x, y))) + dense_regularizer_hessian(
       ...     objective, tf_vars, variables, space)
     """
-    dtype = tf.as_dtype(dtype)
-    p = space.size
-    if chunk_size is None:
-        chunk_size = _rows_per_chunk(objective, tf_vars, space, dataset, memory_budget)
-    elif not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise InputError(f"chunk_size must be a positive integer or None. Received chunk_size={chunk_size!r}.")
-    int_spec = tf.TensorSpec([], tf.int32)
-
-    @tf.function(input_signature=[int_spec, int_spec])
-    def rows(start, stop):
-        total = tf.zeros([stop - start, p], dtype)
-        weight = tf.zeros([], tf.float64)
-        # An iterator, not the dataset: see operators.HessianOperator._data_pass_fn.
-        for x, y, w in iter(dataset):
-            loss = lambda: objective.weighted_loss_sum(x, y, w)  # noqa: E731, B023
-            total += tf.cast(_jacobian_of_gradient(loss, tf_vars, space, start, stop), dtype)
-            weight += tf.reduce_sum(tf.cast(w, tf.float64))
-        return total, weight
-
-    result = np.empty((p, p), dtype=dtype.as_numpy_dtype)
-    weight = None
-    for start in range(0, p, int(chunk_size)):
-        stop = min(start + int(chunk_size), p)
-        block, weight = rows(tf.constant(start), tf.constant(stop))
-        result[start:stop] = block.numpy()
-    _check_weight(float(weight))
-    _symmetrize_numpy(result)
-    result /= float(weight)
-    return tf.convert_to_tensor(result)
+    return tf.convert_to_tensor(_hessian_array(objective, tf_vars, space, dataset, chunk_size, memory_budget, dtype))
 
 
 def dense_regularizer_hessian(objective, tf_vars, variables, space, *, chunk_size=None,
@@ -185,6 +125,102 @@ def dense_regularizer_hessian(objective, tf_vars, variables, space, *, chunk_siz
     Example:
       >>> R = dense_regularizer_hessian(objective, tf_vars, variables, space)   # l2·I without regularisers
     """
+    return tf.convert_to_tensor(_regularizer_array(objective, tf_vars, variables, space, chunk_size, memory_budget,
+                                                   dtype))
+
+
+def dense_curvature(objective, tf_vars, variables, space, dataset, *, curvature="hessian", damping=0.0,
+                    chunk_size=None, gemm="auto", memory_budget=DEFAULT_MEMORY_BUDGET, dtype=tf.float64):
+    """The whole dense matrix of `HessianOperator`: data term + `∇²Ω` + `damping·I`, in one buffer.
+
+    Args:
+      curvature: `"hessian"` (`dense_hessian`) or `"gauss_newton"` (`dense_gauss_newton`).
+      damping: λ added to the diagonal.
+      Others: as for `dense_hessian`, `dense_gauss_newton` and `dense_regularizer_hessian`.
+
+    Returns:
+      A symmetric `[p, p]` tensor of `dtype` (one `p²` NumPy buffer, converted once).
+
+    Example:
+      >>> A = dense_curvature(objective, tf_vars, variables, space, dataset, damping=1e-3)
+    """
+    if not np.isfinite(damping) or damping < 0:
+        raise InputError(f"damping must be a finite number ≥ 0. Received damping={damping}.")
+    if curvature == "hessian":
+        result = _hessian_array(objective, tf_vars, space, dataset, chunk_size, memory_budget, dtype)
+    elif curvature == "gauss_newton":
+        result = _gauss_newton_array(objective, tf_vars, space, dataset, gemm, memory_budget, dtype)
+    else:
+        raise InputError(f"curvature must be 'hessian' or 'gauss_newton'. Received curvature={curvature!r}.")
+    result += _regularizer_array(objective, tf_vars, variables, space, None, memory_budget, dtype)
+    result[np.diag_indices_from(result)] += float(damping)
+    return tf.convert_to_tensor(result)
+
+
+# -- Whole matrices as NumPy arrays -------------------------------------------------------------
+
+
+def _gauss_newton_array(objective, tf_vars, space, dataset, gemm, memory_budget, dtype):
+    if gemm not in GEMM_BACKENDS:
+        raise InputError(f"gemm must be one of {GEMM_BACKENDS}. Received gemm={gemm!r}.")
+    dtype = tf.as_dtype(dtype)
+    if gemm == "auto":
+        gemm = "blas" if dtype == tf.float64 and not tf.config.list_logical_devices("GPU") else "tensorflow"
+    p = space.size
+    c = _output_size(objective, _first_batch(dataset)[0])
+    sub_batch = max(1, int(memory_budget // (c * p * (3 * space.dtype.size + 8))))
+    factors = tf.function(lambda x, y, w: _gauss_newton_factors(objective, tf_vars, space, x, y, w),
+                          input_signature=_batch_signature(dataset))
+    product = tf.function(lambda rows, signs: tf.matmul(rows, rows * signs[:, None], transpose_a=True),
+                          input_signature=[tf.TensorSpec([None, p], space.dtype), tf.TensorSpec([None], space.dtype)])
+    total = np.zeros((p, p), dtype.as_numpy_dtype, order="F") if gemm == "blas" else tf.zeros([p, p], dtype)
+    weight = 0.0
+    for x, y, w in dataset:
+        weight += float(tf.reduce_sum(tf.cast(w, tf.float64)))
+        for start in range(0, int(tf.shape(w)[0]), sub_batch):
+            rows, signs = factors(*tf.nest.map_structure(lambda t: t[start:start + sub_batch], (x, y, w)))  # noqa: B023
+            if gemm == "blas":
+                _blas_add(total, rows.numpy(), signs.numpy())
+            else:
+                total += tf.cast(product(rows, signs), dtype)
+    _check_weight(weight)
+    if gemm == "blas":
+        _mirror_upper(total)
+    else:
+        total = np.array(total)
+        _symmetrize(total)
+    total /= weight
+    return total
+
+
+def _hessian_array(objective, tf_vars, space, dataset, chunk_size, memory_budget, dtype):
+    dtype = tf.as_dtype(dtype)
+    p = space.size
+    if chunk_size is None:
+        chunk_size = _rows_per_chunk(objective, tf_vars, space, dataset, memory_budget)
+    elif not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise InputError(f"chunk_size must be a positive integer or None. Received chunk_size={chunk_size!r}.")
+    int_spec = tf.TensorSpec([], tf.int32)
+
+    @tf.function(input_signature=[int_spec, int_spec])
+    def rows(start, stop):
+        total = tf.zeros([stop - start, p], dtype)
+        weight = tf.zeros([], tf.float64)
+        # An iterator, not the dataset: see operators.HessianOperator._data_pass_fn.
+        for x, y, w in iter(dataset):
+            loss = lambda: objective.weighted_loss_sum(x, y, w)  # noqa: E731, B023
+            total += tf.cast(_jacobian_of_gradient(loss, tf_vars, space, start, stop), dtype)
+            weight += tf.reduce_sum(tf.cast(w, tf.float64))
+        return total, weight
+
+    result, weight = _assemble_rows(rows, p, int(chunk_size), dtype)
+    _check_weight(float(weight))
+    result /= float(weight)
+    return result
+
+
+def _regularizer_array(objective, tf_vars, variables, space, chunk_size, memory_budget, dtype):
+    dtype = tf.as_dtype(dtype)
     p = space.size
     if chunk_size is None:
         chunk_size = max(1, min(p, int(memory_budget // (4 * p * space.dtype.size))))
@@ -195,9 +231,19 @@ def dense_regularizer_hessian(objective, tf_vars, variables, space, *, chunk_siz
         loss = lambda: objective.regularization(variables)  # noqa: E731
         return tf.cast(_jacobian_of_gradient(loss, tf_vars, space, start, stop), dtype)
 
-    blocks = [rows(tf.constant(s), tf.constant(min(s + chunk_size, p))) for s in range(0, p, chunk_size)]
-    result = tf.concat(blocks, axis=0)
-    return 0.5 * (result + tf.transpose(result))
+    return _assemble_rows(lambda start, stop: (rows(start, stop), None), p, int(chunk_size), dtype)[0]
+
+
+def _assemble_rows(rows, p, chunk_size, dtype):
+    """Fills a symmetrised `[p, p]` NumPy array from `rows(start, stop) -> (block, extra)`."""
+    result = np.empty((p, p), dtype=dtype.as_numpy_dtype)
+    extra = None
+    for start in range(0, p, chunk_size):
+        stop = min(start + chunk_size, p)
+        block, extra = rows(tf.constant(start), tf.constant(stop))
+        result[start:stop] = block.numpy()
+    _symmetrize(result)
+    return result, extra
 
 
 # -- Per-batch pieces ---------------------------------------------------------------------------
@@ -234,15 +280,19 @@ def _gauss_newton_factors(objective, tf_vars, space, x, y, w):
 
 
 def _output_jacobians(objective, tf_vars, space, x):
-    """`[n, c, p]`: each example's output Jacobian, reverse passes vectorised over examples."""
+    """`[n, c, p]`: each example's output Jacobian, reverse passes vectorised over examples and outputs."""
 
     def one(example):
         example = tf.nest.map_structure(lambda t: t[tf.newaxis], example)
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(persistent=True) as tape:  # persistent: pfor may trace `row` twice
             tape.watch(tf_vars)
             outputs = _flat_outputs(objective.outputs(example))[0]
-        parts = tape.jacobian(outputs, tf_vars, unconnected_gradients=_ZERO)
-        return space.flatten([densify(t) for t in parts], batch_dims=1)
+
+        def row(cotangent):
+            parts = tape.gradient(outputs, tf_vars, output_gradients=cotangent, unconnected_gradients=_ZERO)
+            return space.flatten([densify(t) for t in parts])
+
+        return tf.vectorized_map(row, tf.eye(tf.shape(outputs)[0], dtype=outputs.dtype))
 
     return tf.vectorized_map(one, x)
 
@@ -333,11 +383,13 @@ def _blas_add(total, rows, signs):
     from scipy.linalg import blas
 
     syrk = blas.dsyrk if total.dtype == np.float64 else blas.ssyrk
-    rows = rows.astype(total.dtype, copy=False)
+    rows = np.ascontiguousarray(rows, dtype=total.dtype)
     for sign in (1.0, -1.0):
-        selected = rows[signs == sign]
-        if len(selected):
-            syrk(sign, np.asfortranarray(selected), beta=1.0, c=total, trans=1, overwrite_c=1)
+        mask = signs == sign
+        if mask.any():
+            selected = rows if mask.all() else rows[mask]
+            # selected.T is a Fortran-ordered [p, m] view: C += ±A Aᵀ without copying A.
+            syrk(sign, selected.T, beta=1.0, c=total, trans=0, overwrite_c=1)
 
 
 def _mirror_upper(a, block=1024):
@@ -349,7 +401,7 @@ def _mirror_upper(a, block=1024):
         a[s:e, s:e] = np.triu(a[s:e, s:e]) + np.triu(a[s:e, s:e], 1).T
 
 
-def _symmetrize_numpy(a, block=1024):
+def _symmetrize(a, block=1024):
     """`a = (a + aᵀ) / 2` in place, block by block (no second p×p copy)."""
     p = a.shape[0]
     for s in range(0, p, block):
