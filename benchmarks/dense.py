@@ -9,6 +9,7 @@ Run from the repository root: PYTHONPATH=. python benchmarks/dense.py [--quick] 
                                  [--large-examples 1200] [--skip-large]
   --quick     time to_dense() on its first 256 rows and scale by p / 256 (marked "extrapolated")
   --profile   op-type breakdown (TF profiler) of the dense Hessian and Gauss-Newton builders
+  --large-examples n: examples for the ~26k-parameter MLP (time is linear in n; the memory is not)
 """
 
 import argparse
@@ -21,7 +22,11 @@ import numpy as np
 import tensorflow as tf
 
 import tf_influence as tfi
-from tf_influence.curvature.dense import dense_gauss_newton, dense_hessian, dense_regularizer_hessian
+from tf_influence.curvature.dense import (
+    dense_gauss_newton,
+    dense_hessian,
+    dense_regularizer_hessian,
+)
 from tf_influence.data import as_dataset
 from tf_influence.objective import Objective
 from tf_influence.params import ParameterSpace, select_variables, tf_variables
@@ -131,12 +136,14 @@ def main():
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--large-examples", type=int, default=1200)
     parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--skip-small", action="store_true")
     parser.add_argument("--tf-gemm-large", action="store_true", help="also time gemm='tensorflow' at ~26k")
     args = parser.parse_args()
     keras.backend.set_floatx("float64")
     keras.config.set_dtype_policy("float64")
-    rows, _ = bench("MLP 64-32-10", (32,), 1200, args, with_operator=True)
+    rows = [] if args.skip_small else bench("MLP 64-32-10", (32,), 1200, args, with_operator=True)[0]
     if not args.skip_large:
+        print(f"MLP 64-128-128-10: the dense matrix alone takes {25_994**2 * 8 / 2**30:.1f} GiB in float64")
         large, _ = bench("MLP 64-128-128-10", (128, 128), args.large_examples, args, with_operator=False)
         rows += large
     print(_timing.machine_info())

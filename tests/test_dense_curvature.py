@@ -9,8 +9,12 @@ from conftest import relative_error
 from models import logistic_regression, mlp, small_cnn, two_input_functional
 
 import tf_influence as tfi
-from tf_influence.curvature.dense import (dense_curvature, dense_gauss_newton, dense_hessian,
-                                          dense_regularizer_hessian)
+from tf_influence.curvature.dense import (
+    dense_curvature,
+    dense_gauss_newton,
+    dense_hessian,
+    dense_regularizer_hessian,
+)
 from tf_influence.data import as_dataset
 from tf_influence.objective import Objective
 from tf_influence.params import ParameterSpace, select_variables, tf_variables
@@ -72,7 +76,7 @@ def reference_gauss_newton(model, loss_fn, x, y, w, variables):
     G = 0.0
     for i in range(n):
         f = tf.Variable(out[i:i + 1])
-        yi = tf.nest.map_structure(lambda t: t[i:i + 1], y)
+        yi = tf.nest.map_structure(lambda t, i=i: t[i:i + 1], y)
         with tf.GradientTape(persistent=True) as outer:
             with tf.GradientTape() as inner:
                 li = tf.reduce_sum(loss_fn(yi, f))
@@ -168,7 +172,7 @@ def test_two_output_model(float64, rng):
     def loss(y_true, y_pred):
         return mse.call(y_true[0], y_pred[0]) + sce.call(y_true[1], y_pred[1])
 
-    objective, tf_vars, selected, space, ds = _pieces(model, loss, (x, y), batch_size=5)
+    objective, tf_vars, _, space, ds = _pieces(model, loss, (x, y), batch_size=5)
     H = dense_hessian(objective, tf_vars, space, ds)
     assert relative_error(H, reference_hessian(model, loss, x, y)) <= 1e-10
     G = dense_gauss_newton(objective, tf_vars, space, ds).numpy()

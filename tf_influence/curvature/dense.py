@@ -1,35 +1,31 @@
 """Dense curvature matrices of the training objective, built in a handful of compiled passes.
 
-    dense_hessian(...)       = Σᵢ wᵢ ∇²ℓᵢ / Σᵢ wᵢ                      (data part of H = ∇²R)
-    dense_gauss_newton(...)  = Σᵢ wᵢ Jᵢᵀ Mᵢ Jᵢ / Σᵢ wᵢ                  (data part of the GGN)
-    dense_regularizer_hessian(...) = ∇²Ω                               (model.losses + (l2/2)‖θ‖²)
+    dense_hessian(...)             = Σᵢ wᵢ ∇²ℓᵢ / Σᵢ wᵢ          (data term of H = ∇²R; no ∇²Ω)
+    dense_gauss_newton(...)        = Σᵢ wᵢ Jᵢᵀ Mᵢ Jᵢ / Σᵢ wᵢ      (data term of the GGN; no ∇²Ω)
+    dense_regularizer_hessian(...) = ∇²Ω                         (model.losses + (l2/2)‖θ‖²)
+    dense_curvature(...)           = data term + ∇²Ω + λI        (HessianOperator's dense matrix)
 
-so that the dense `H + λI` of `HessianOperator` is `dense_hessian(...) + dense_regularizer_hessian(...)
-+ λI` (and likewise for Gauss-Newton), exact to rounding. `Jᵢ` `[c, p]` is the Jacobian of example
-i's c model outputs (every output tensor flattened and concatenated) and `Mᵢ` `[c, c]` the Hessian
-of its loss in those outputs.
+`Jᵢ` `[c, p]` is the Jacobian of example i's c outputs (every output tensor flattened and
+concatenated), `Mᵢ` `[c, c]` the Hessian of its loss in those outputs. Exact to rounding.
 
-How (measured on the 64-32-10 digits MLP in float64; `benchmarks/dense.py`):
-  Gauss-Newton: per batch, the per-example Jacobians by a reverse pass per output unit vectorised
-    over examples (`tf.vectorized_map`), `Mᵢ = Qᵢ Λᵢ Qᵢᵀ` by `eigh`, rows `Uᵢ = |Λᵢ|^½ Qᵢᵀ Jᵢ` with
-    signs `sign(wᵢ λ)`, then ONE product `Σ ±UᵀU` per batch. The signed factors keep it exact for
-    a loss that is not convex in the outputs (negative λ) and for negative weights; eigenvalues
-    below `c·ε·max|λ|` are rounding noise and are dropped (the null direction of softmax
-    cross-entropy), which removes one row in c. The product is > 90 % of the time; TensorFlow's
-    float64 CPU matmul runs at about a quarter of the machine's BLAS speed, so on CPU the float64
-    accumulation goes to BLAS `syrk` through SciPy (`gemm="auto"`).
-  Hessian: rows of the Jacobian of the batch gradient, `∂(∇Σwℓ)/∂θ`, by reverse-over-reverse
-    products with identity cotangents vectorised by pfor (`tape.jacobian`), `chunk_size` rows per
-    compiled pass over the data. Time goes to pfor's matmuls (~60 %) and transposes (~30 %).
-    Forward-over-back under `tf.vectorized_map` measured 2-3x slower, XLA compiled for minutes.
+How, and where the time goes (64-32-10 digits MLP, float64, CPU; `benchmarks/dense.py --profile`):
+  Gauss-Newton: per batch, per-example Jacobians (reverse passes vectorised over examples and
+    output units), `wᵢMᵢ = QΛQᵀ` by `eigh`, rows `U = |Λ|^½ Qᵀ Jᵢ` with signs `sign(λ)`, then one
+    product `Σ ±UᵀU`. Signed factors keep it exact when a loss is not convex in the outputs or a
+    weight is negative; eigenvalues below `c·ε·max|λ|` are rounding noise and are dropped (softmax
+    cross-entropy's null direction: one row in c). The product takes ~75 % of the time. TensorFlow's
+    float64 matmul on CPU runs at about a quarter of the machine's BLAS speed (its kernels are built
+    without AVX2/FMA), so on CPU the float64 sum goes to BLAS `syrk` through SciPy (`gemm="auto"`).
+  Hessian: rows of the Jacobian of the batch gradient by reverse-over-reverse products with
+    identity cotangents, vectorised by pfor, `chunk_size` rows per compiled pass over the data.
+    Kernel time: matmuls ~40 %, pfor's transposes ~25 %, elementwise ops ~30 %, all in TensorFlow's
+    float64 kernels (a float32 model runs ~3x faster). Forward-over-back under `tf.vectorized_map`
+    measured 2-3x slower; XLA took minutes to compile for ~10 % less CPU time.
 
-Precision: derivatives are computed in the variables' dtype; sums over examples and batches are
-accumulated in `dtype` (float64 by default), which is what the direct solver factorises. For a
-float32 model the result is the float32 curvature accumulated in float64, accurate to float32
-rounding of each example's terms.
+Precision: derivatives are computed in the variables' dtype; sums over batches (and, with BLAS,
+over examples) are accumulated in `dtype` (float64 by default), which the direct solver factorises.
+A float32 model gives its float32 curvature accumulated in float64.
 """
-
-import logging
 
 import numpy as np
 import tensorflow as tf
@@ -37,7 +33,6 @@ import tensorflow as tf
 from tf_influence.errors import InputError
 from tf_influence.params import densify
 
-_log = logging.getLogger(__name__)
 _ZERO = tf.UnconnectedGradients.ZERO
 DEFAULT_MEMORY_BUDGET = 2**30
 GEMM_BACKENDS = ("auto", "blas", "tensorflow")
@@ -208,7 +203,7 @@ def _hessian_array(objective, tf_vars, space, dataset, chunk_size, memory_budget
         weight = tf.zeros([], tf.float64)
         # An iterator, not the dataset: see operators.HessianOperator._data_pass_fn.
         for x, y, w in iter(dataset):
-            loss = lambda: objective.weighted_loss_sum(x, y, w)  # noqa: E731, B023
+            loss = lambda: objective.weighted_loss_sum(x, y, w)  # noqa: B023
             total += tf.cast(_jacobian_of_gradient(loss, tf_vars, space, start, stop), dtype)
             weight += tf.reduce_sum(tf.cast(w, tf.float64))
         return total, weight
@@ -228,7 +223,7 @@ def _regularizer_array(objective, tf_vars, variables, space, chunk_size, memory_
 
     @tf.function(input_signature=[int_spec, int_spec])
     def rows(start, stop):
-        loss = lambda: objective.regularization(variables)  # noqa: E731
+        loss = lambda: objective.regularization(variables)
         return tf.cast(_jacobian_of_gradient(loss, tf_vars, space, start, stop), dtype)
 
     return _assemble_rows(lambda start, stop: (rows(start, stop), None), p, int(chunk_size), dtype)[0]
