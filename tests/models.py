@@ -1,7 +1,6 @@
 """Small models and data sets shared by the tests (built in the current floatx)."""
 
 import keras
-import numpy as np
 
 
 def logistic_regression(d=4):

@@ -3,10 +3,8 @@
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
-import textwrap
 
 import keras
 import numpy as np
@@ -20,53 +18,8 @@ from tests import models
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "saved_models" / "digits_mlp"
 
-# Runs with `python -I` from a temporary directory, after removing every way to find tf_influence
-# (the editable-install finder and the repository path): only TensorFlow loads the models.
-_LOADER = textwrap.dedent("""
-    import importlib.util, json, sys
-    sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")
-                     and "editable" not in getattr(f, "__name__", "")]
-    sys.path = [p for p in sys.path if p and not p.startswith(sys.argv[1])]
-    import numpy as np, tensorflow as tf
-    out = {"hidden": importlib.util.find_spec("tf_influence") is None}
-
-    def diff(a, b):
-        return {"abs": float(np.abs(a - b).max()), "rel": float(np.abs(a - b).max() / np.abs(b).max())}
-
-    for name in sys.argv[3:]:
-        data = np.load(f"{sys.argv[2]}/{name}.npz")
-        model = tf.saved_model.load(f"{sys.argv[2]}/{name}")
-        x, y = tf.constant(data["x"]), tf.constant(data["y"])
-        sig = model.signatures
-        scores = sig["influence"](x=x, y=y)["scores"].numpy()
-        top = sig["top_k"](x=x, y=y, k=tf.constant(3))
-        r = {"signatures": sorted(sig), "shape": list(scores.shape), "scores": diff(scores, data["scores"]),
-             "predictions": diff(sig["serving_default"](x=x)["predictions"].numpy(), data["predictions"]),
-             "top_k": bool(np.array_equal(top["helpful_indices"].numpy(), data["helpful"])
-                           and np.array_equal(top["harmful_indices"].numpy(), data["harmful"])),
-             "settings": json.loads(model.settings.numpy())}
-        if "self_influence" in sig:
-            r["self"] = diff(sig["self_influence"](x=x, y=y)["scores"].numpy(), data["self_influence"])
-        bad_x = x.numpy().copy()
-        bad_x[0, 0] = np.nan
-        errors = {}
-        for label, call in [
-                ("width", lambda: sig["influence"](x=tf.zeros([2, x.shape[1] + 1], x.dtype), y=y[:2])),
-                ("label_dtype", lambda: sig["influence"](x=x, y=tf.cast(y, tf.float32))),
-                ("label_range", lambda: sig["influence"](x=x, y=y + 100)),
-                ("batch", lambda: sig["influence"](x=x[:3], y=y[:2])),
-                ("nan", lambda: sig["influence"](x=tf.constant(bad_x), y=y)),
-                ("k_large", lambda: sig["top_k"](x=x, y=y, k=tf.constant(10**6))),
-                ("k_zero", lambda: sig["top_k"](x=x, y=y, k=tf.constant(0)))]:
-            try:
-                call()
-                errors[label] = None
-            except Exception as e:
-                errors[label] = f"{type(e).__name__}: {str(e)}"
-        r["errors"] = errors
-        out[name] = r
-    print(json.dumps(out))
-""")
+# Runs with `python -I` from a temporary directory (see the script's docstring).
+LOADER = pathlib.Path(__file__).resolve().parent / "scripts" / "load_exported.py"
 
 sce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 _ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -81,9 +34,7 @@ CASES = {
 
 
 def _run_hidden(tmp_path, names):
-    script = tmp_path / "load.py"
-    script.write_text(_LOADER)
-    result = subprocess.run([sys.executable, "-I", str(script), str(ROOT), str(tmp_path), *names], cwd=tmp_path,
+    result = subprocess.run([sys.executable, "-I", str(LOADER), str(ROOT), str(tmp_path), *names], cwd=tmp_path,
                             env=_ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -149,7 +100,7 @@ def test_loaded_model_gives_the_library_scores_without_tf_influence(tmp_path, fl
 
 def _self_influence(inf, test):
     """`g_testᵀ (H + λI)⁻¹ g_test` for new points, from the library's cached test IHVPs."""
-    grads = np.concatenate([inf._gradients(b).numpy() for b in inf._dataset(test, "test")])
+    grads = np.concatenate([inf.gradients(b).numpy() for b in inf.test_dataset(test)])
     return np.sum(inf.test_inverse_hvps(test) * grads, axis=1)
 
 

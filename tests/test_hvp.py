@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import tf_influence as tfi
 from tests import models
-from tests.conftest import dense_hessian, relative_error
+from tests.helpers import dense_hessian, relative_error
 
 sce = functools.partial(keras.losses.sparse_categorical_crossentropy, from_logits=True)
 bce = functools.partial(keras.losses.binary_crossentropy, from_logits=True)
@@ -44,7 +44,7 @@ def test_hvp_equals_dense_hessian(name, float64, rng):
     op = tfi.HessianOperator(model, loss, (x, y), l2=0.01, batch_size=7)
     v = rng.standard_normal((3, op.space.size))
     for mode in ("forward_over_back", "back_over_back"):
-        got = op.with_options(mode=mode).apply(v).numpy()
+        got = op.with_options(mode=mode).matmul_rows(v).numpy()
         assert relative_error(got, v @ H) <= 1e-8, mode
     assert relative_error(op.to_dense().numpy(), H) <= 1e-8
 
@@ -66,9 +66,9 @@ def test_modes_agree_and_finite_difference(float64, rng):
     model, loss, x, y = _case("mlp_tanh", rng)
     op = tfi.HessianOperator(model, loss, (x, y), batch_size=8)
     v = rng.standard_normal((2, op.space.size))
-    fob = op.apply(v).numpy()
-    bob = op.with_options(mode="back_over_back").apply(v).numpy()
-    fd = op.with_options(mode="finite_difference").apply(v).numpy()
+    fob = op.matmul_rows(v).numpy()
+    bob = op.with_options(mode="back_over_back").matmul_rows(v).numpy()
+    fd = op.with_options(mode="finite_difference").matmul_rows(v).numpy()
     assert relative_error(bob, fob) <= 1e-10
     assert relative_error(fd, fob) <= 1e-4
     report = tfi.check_hvp(op)
@@ -79,7 +79,7 @@ def test_many_vectors_in_one_pass_match_single(float64, rng):
     model, loss, x, y = _case("mlp_tanh", rng)
     op = tfi.HessianOperator(model, loss, (x, y), batch_size=8)
     v = rng.standard_normal((7, op.space.size))  # k > 4 takes the tf.map_fn path
-    together = op.apply(v).numpy()
+    together = op.matmul_rows(v).numpy()
     single = np.stack([op.matvec(tf.constant(r)).numpy() for r in v])
     assert relative_error(together, single) <= 1e-12
 
@@ -124,14 +124,14 @@ def test_damping_adds_lambda_v(float64, rng):
     op = tfi.HessianOperator(model, loss, (x, y))
     damped = op.with_options(damping=0.3)
     v = rng.standard_normal((1, op.space.size))
-    assert relative_error(damped.apply(v) - op.apply(v), 0.3 * v) <= 1e-12
+    assert relative_error(damped.matmul_rows(v) - op.matmul_rows(v), 0.3 * v) <= 1e-12
 
 
 def test_jit_compile_gives_same_products(float64, rng):
     model, loss, x, y = _case("mlp_tanh", rng)
     op = tfi.HessianOperator(model, loss, (x, y), batch_size=10)
     v = rng.standard_normal((2, op.space.size))
-    assert relative_error(op.with_options(jit_compile=True).apply(v), op.apply(v)) <= 1e-10
+    assert relative_error(op.with_options(jit_compile=True).matmul_rows(v), op.matmul_rows(v)) <= 1e-10
 
 
 def test_tf_keras_model(rng):

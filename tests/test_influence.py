@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import tf_influence as tfi
 from tests import models
-from tests.conftest import relative_error
+from tests.helpers import relative_error
 from tf_influence import validation
 
 sce = functools.partial(keras.losses.sparse_categorical_crossentropy, from_logits=True)
@@ -150,8 +150,8 @@ def test_inverse_hvps_are_cached_and_refreshed_when_weights_change(float64, rng)
     x, y = models.classification_data(rng, n=30)
     inf = tfi.Influence(model, sce, (x[:25], y[:25]), method="cg", damping=0.5, progress=False)
     calls = []
-    solve = inf._solve
-    inf._solve = lambda rows: calls.append(int(rows.shape[0])) or solve(rows)
+    solve = inf.solve
+    inf.solve = lambda rows: calls.append(int(rows.shape[0])) or solve(rows)
     first = inf.test_inverse_hvps((x[25:], y[25:]))
     again = inf.test_inverse_hvps((x[24:], y[24:]))  # one new example, five cached
     assert calls == [5, 1]
@@ -225,3 +225,21 @@ def test_linear_datamodeling_score(breast_cancer):
     assert abs(shuffled.score) < lds.score - 0.4
     for v, value in zip(model.trainable_variables, original):
         np.testing.assert_array_equal(v.numpy(), value)
+
+
+def test_ekfac_never_builds_a_hessian_operator(float64, rng):
+    """A method builds only the curvature it needs. EKFAC needs no second derivatives, so a model whose
+    Hessian products TensorFlow gets wrong (LayerNormalization after the first selected layer) works
+    with it, while a method that needs exact Hessian products refuses the model."""
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, activation="tanh", name="hidden"),
+                              keras.layers.LayerNormalization(center=False, scale=False, name="norm"),
+                              keras.layers.Dense(3, name="head")])
+    x, y = models.classification_data(rng, n=30)
+    train, test = (x[:25], y[:25]), (x[25:], y[25:])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    with pytest.raises(tfi.SecondDerivativeError, match="norm"):
+        tfi.Influence(model, loss, train, method="cg", damping=0.1, progress=False).scores(test)
+    inf = tfi.Influence(model, loss, train, method="ekfac", damping=0.1, progress=False)
+    scores = inf.scores(test)
+    assert scores.shape == (5, 25) and np.all(np.isfinite(scores))
+    assert inf.source.built == ["ekfac"]

@@ -112,9 +112,9 @@ def test_scalar_loss_is_refused(problem):
 
 def test_unknown_options(problem):
     model, x, y = problem
-    with pytest.raises(tfi.InputError, match="Unknown mode 'fast'"):
+    with pytest.raises(tfi.InputError, match=r"mode must be one of \(.*\). Received: mode='fast'"):
         tfi.HessianOperator(model, sce, (x, y), mode="fast")
-    with pytest.raises(tfi.InputError, match="Unknown curvature"):
+    with pytest.raises(tfi.InputError, match="curvature must be one of .*Received: curvature='fisher'"):
         tfi.HessianOperator(model, sce, (x, y), curvature="fisher")
     with pytest.raises(tfi.InputError, match="damping must be"):
         tfi.HessianOperator(model, sce, (x, y), damping=-1)
@@ -130,8 +130,8 @@ def test_model_unchanged_after_every_mode(problem, rng):
     op = tfi.HessianOperator(model, sce, (x, y))
     v = rng.standard_normal((2, op.space.size))
     for mode in ("forward_over_back", "back_over_back", "finite_difference"):
-        op.with_options(mode=mode).apply(v)
-    op.with_options(curvature="gauss_newton").apply(v)
+        op.with_options(mode=mode).matmul_rows(v)
+    op.with_options(curvature="gauss_newton").matmul_rows(v)
     _assert_unchanged(model, snapshot)
 
 
@@ -145,5 +145,5 @@ def test_finite_difference_restores_weights_after_an_error(problem, rng):
 
     op.gradient = failing_gradient
     with pytest.raises(RuntimeError, match="interrupted"):
-        op.apply(rng.standard_normal((1, op.space.size)))
+        op.matmul_rows(rng.standard_normal((1, op.space.size)))
     _assert_unchanged(model, snapshot)

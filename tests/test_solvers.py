@@ -8,22 +8,12 @@ import scipy.sparse.linalg
 import tensorflow as tf
 
 import tf_influence as tfi
-from tests import solver_helpers as sh
-from tests.solver_helpers import relative_error
+from tests import helpers as sh
+from tests.helpers import relative_error
 from tf_influence.solvers import cg, direct, lissa, scipy_ncg
 
 
-@pytest.fixture(scope="module")
-def softmax_regression():
-    return sh.softmax_regression()
-
-
-@pytest.fixture(scope="module")
-def mlp():
-    return sh.mlp()
-
-
-@pytest.fixture(params=["softmax_regression", "mlp"])
+@pytest.fixture(params=["softmax_regression", "indefinite_mlp"])
 def problem(request):
     return request.getfixturevalue(request.param)
 
@@ -42,36 +32,36 @@ def test_direct_matches_closed_form_logistic_regression(softmax_regression):
     np.testing.assert_allclose(x1, x[0], rtol=1e-12)
 
 
-def test_direct_indefinite_warns_and_is_exact(mlp):
+def test_direct_indefinite_warns_and_is_exact(indefinite_mlp):
     # The undamped MLP Hessian is singular (softmax shift invariance) and indefinite; half of
     # −λ_min as damping keeps it indefinite but nonsingular.
-    smallest = float(np.linalg.eigvalsh(mlp.undamped_dense)[0])
+    smallest = float(np.linalg.eigvalsh(indefinite_mlp.undamped_dense)[0])
     damping = -smallest / 2
-    matrix = mlp.undamped_dense + damping * np.eye(len(mlp.dense))
+    matrix = indefinite_mlp.undamped_dense + damping * np.eye(len(indefinite_mlp.dense))
     with pytest.warns(UserWarning, match=rf"indefinite.*most negative is {smallest / 2:.4g} \(with damping "
                                          rf"λ={damping:g}\).*damping="):
-        x, info = direct(mlp.operator.with_options(damping=damping), mlp.b)
+        x, info = direct(indefinite_mlp.operator.with_options(damping=damping), indefinite_mlp.b)
     assert info.extra["factorization"] == "eigh"
     assert info.extra["min_eigenvalue"] == pytest.approx(smallest / 2, rel=1e-8)
-    assert relative_error(x, np.linalg.solve(matrix, mlp.b.T).T) <= 1e-9
+    assert relative_error(x, np.linalg.solve(matrix, indefinite_mlp.b.T).T) <= 1e-9
 
 
-def test_direct_on_indefinite_raise_and_the_suggested_damping(mlp):
-    smallest = float(np.linalg.eigvalsh(mlp.undamped_dense)[0])
-    matrix = mlp.undamped_dense - smallest / 2 * np.eye(len(mlp.dense))
+def test_direct_on_indefinite_raise_and_the_suggested_damping(indefinite_mlp):
+    smallest = float(np.linalg.eigvalsh(indefinite_mlp.undamped_dense)[0])
+    matrix = indefinite_mlp.undamped_dense - smallest / 2 * np.eye(len(indefinite_mlp.dense))
     message = rf"indefinite: \d+ of 83 eigenvalues are negative, the most negative is {smallest / 2:.4g}\."
     with pytest.raises(tfi.NegativeCurvatureError, match=message) as caught:
-        direct(sh.dense_operator(matrix, is_self_adjoint=True), mlp.b, on_indefinite="raise")
+        direct(sh.dense_operator(matrix, is_self_adjoint=True), indefinite_mlp.b, on_indefinite="raise")
     suggested = float(str(caught.value).rsplit("damping=", 1)[1].split(" ")[0])
     assert suggested > 0 and np.linalg.eigvalsh(matrix + suggested * np.eye(len(matrix)))[0] > 0
-    _, info = direct(sh.dense_operator(matrix + suggested * np.eye(len(matrix)), is_self_adjoint=True), mlp.b)
+    _, info = direct(sh.dense_operator(matrix + suggested * np.eye(len(matrix)), is_self_adjoint=True), indefinite_mlp.b)
     assert info.extra["factorization"] == "cholesky"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "ignore" solves silently
-        x, _ = direct(sh.dense_operator(matrix, is_self_adjoint=True), mlp.b, on_indefinite="ignore")
-    assert relative_error(x, np.linalg.solve(matrix, mlp.b.T).T) <= 1e-9
+        x, _ = direct(sh.dense_operator(matrix, is_self_adjoint=True), indefinite_mlp.b, on_indefinite="ignore")
+    assert relative_error(x, np.linalg.solve(matrix, indefinite_mlp.b.T).T) <= 1e-9
     with pytest.raises(tfi.NegativeCurvatureError, match=r"singular: its eigenvalue closest to zero.*Add damping"):
-        direct(sh.dense_operator(mlp.undamped_dense, is_self_adjoint=True), mlp.b)
+        direct(sh.dense_operator(indefinite_mlp.undamped_dense, is_self_adjoint=True), indefinite_mlp.b)
 
 
 def test_direct_singular_raises():
@@ -102,10 +92,10 @@ def test_cg_matches_direct(problem):
     assert 0 < info.iterations <= problem.operator.space.size + 5
 
 
-def test_cg_many_right_hand_sides_equal_one_at_a_time(mlp):
-    op, p = mlp.operator, mlp.operator.space.size
-    eigenvalues, vectors = np.linalg.eigh(mlp.dense)
-    b = np.vstack([mlp.b, np.zeros(p), vectors[:, -1]])  # 5 rows: 3 random, zero, an eigenvector
+def test_cg_many_right_hand_sides_equal_one_at_a_time(indefinite_mlp):
+    op, p = indefinite_mlp.operator, indefinite_mlp.operator.space.size
+    eigenvalues, vectors = np.linalg.eigh(indefinite_mlp.dense)
+    b = np.vstack([indefinite_mlp.b, np.zeros(p), vectors[:, -1]])  # 5 rows: 3 random, zero, an eigenvector
     together, info = cg(op, b, tol=1e-10)
     assert info.extra["iterations_per_rhs"][3:] == [0, 1]  # converged rows stay frozen
     np.testing.assert_array_equal(together[3], np.zeros(p))
@@ -116,11 +106,11 @@ def test_cg_many_right_hand_sides_equal_one_at_a_time(mlp):
         assert relative_error(together[j], alone) <= 1e-9
 
 
-def test_cg_exact_inverse_preconditioner_converges_in_one_iteration(mlp):
-    inverse = sh.dense_operator(np.linalg.inv(mlp.dense), is_self_adjoint=True, is_positive_definite=True)
-    x, info = cg(mlp.operator, mlp.b, preconditioner=inverse, tol=1e-8)
+def test_cg_exact_inverse_preconditioner_converges_in_one_iteration(indefinite_mlp):
+    inverse = sh.dense_operator(np.linalg.inv(indefinite_mlp.dense), is_self_adjoint=True, is_positive_definite=True)
+    x, info = cg(indefinite_mlp.operator, indefinite_mlp.b, preconditioner=inverse, tol=1e-8)
     assert info.iterations == 1 and info.converged
-    assert relative_error(x, mlp.solve(mlp.b)) <= 1e-8
+    assert relative_error(x, indefinite_mlp.solve(indefinite_mlp.b)) <= 1e-8
 
 
 def test_cg_diagonal_preconditioner_gives_the_same_answer(problem):
@@ -141,11 +131,11 @@ def test_cg_callable_preconditioner(softmax_regression):
     assert info.extra["preconditioned"] and not plain_info.extra["preconditioned"]
 
 
-def test_cg_negative_curvature_raises_and_damping_fixes_it(mlp):
+def test_cg_negative_curvature_raises_and_damping_fixes_it(indefinite_mlp):
     with pytest.raises(tfi.NegativeCurvatureError, match=r"negative curvature.*damping.*gauss_newton"):
-        cg(mlp.undamped, mlp.b)
-    x, info = cg(mlp.operator, mlp.b[0], tol=1e-10)  # damping = −λ_min + 0.05
-    assert info.converged and relative_error(x, mlp.solve(mlp.b[0])) <= 1e-6
+        cg(indefinite_mlp.undamped, indefinite_mlp.b)
+    x, info = cg(indefinite_mlp.operator, indefinite_mlp.b[0], tol=1e-10)  # damping = −λ_min + 0.05
+    assert info.converged and relative_error(x, indefinite_mlp.solve(indefinite_mlp.b[0])) <= 1e-6
 
 
 def test_cg_negative_curvature_on_a_dense_indefinite_matrix():
@@ -154,9 +144,9 @@ def test_cg_negative_curvature_on_a_dense_indefinite_matrix():
         cg(indefinite, np.ones(2))
 
 
-def test_cg_not_converged_warns(mlp):
+def test_cg_not_converged_warns(indefinite_mlp):
     with pytest.warns(UserWarning, match=r"cg did not converge: 3 of 3 .* maxiter=2"):
-        _, info = cg(mlp.operator, mlp.b, maxiter=2)
+        _, info = cg(indefinite_mlp.operator, indefinite_mlp.b, maxiter=2)
     assert not info.converged and info.iterations == 2 and info.residual > 1e-6
 
 
@@ -300,17 +290,17 @@ def test_lissa_too_small_scale_raises_divergence(problem):
               progress=False)
 
 
-def test_lissa_negative_curvature_asks_for_damping(mlp):
-    largest = float(np.linalg.eigvalsh(mlp.undamped_dense)[-1])
+def test_lissa_negative_curvature_asks_for_damping(indefinite_mlp):
+    largest = float(np.linalg.eigvalsh(indefinite_mlp.undamped_dense)[-1])
     with pytest.raises(tfi.DivergenceError, match=r"not positive definite, so raising scale will not help.*damping"):
-        lissa(mlp.undamped, mlp.b, scale=largest, batch_size=sh.N, recursion_depth=3000, progress=False)
+        lissa(indefinite_mlp.undamped, indefinite_mlp.b, scale=largest, batch_size=sh.N, recursion_depth=3000, progress=False)
 
 
 def test_lissa_rejects_bad_input(softmax_regression):
     op = softmax_regression.operator
     with pytest.raises(tfi.InputError, match=r"recursion_depth must be a positive integer. Received: recursion_depth=0"):
         lissa(op, np.ones(21), scale=1.0, batch_size=8, recursion_depth=0)
-    with pytest.raises(tfi.InputError, match=r"scale must be a finite positive number. Received: scale=-1"):
+    with pytest.raises(tfi.InputError, match=r"scale must be a positive number. Received: scale=-1"):
         lissa(op, np.ones(21), scale=-1, batch_size=8, recursion_depth=10)
     with pytest.raises(tfi.InputError, match=r"scale must be a positive number or 'auto'"):
         lissa(op, np.ones(21), scale="big", batch_size=8, recursion_depth=10)
@@ -330,14 +320,14 @@ def test_lissa_auto_scale(softmax_regression):
 # -- variable subsets ---------------------------------------------------------------------------
 
 
-def test_last_layer_only_equals_the_sub_block(mlp):
-    head = mlp.operator.with_options()  # same damping
-    head = tfi.HessianOperator(mlp.model, sh.sce, (mlp.x, mlp.y), variables="head", damping=head.damping,
+def test_last_layer_only_equals_the_sub_block(indefinite_mlp):
+    head = indefinite_mlp.operator.with_options()  # same damping
+    head = tfi.HessianOperator(indefinite_mlp.model, sh.sce, (indefinite_mlp.x, indefinite_mlp.y), variables="head", damping=head.damping,
                                batch_size=64, mode="back_over_back")
     q = head.space.size
     assert q == 8 * sh.CLASSES + sh.CLASSES
-    block = mlp.dense[-q:, -q:]  # the head's variables come last in the full ordering
-    b = mlp.b[:, -q:]
+    block = indefinite_mlp.dense[-q:, -q:]  # the head's variables come last in the full ordering
+    b = indefinite_mlp.b[:, -q:]
     reference = np.linalg.solve(block, b.T).T
     x_cg, _ = cg(head, b, tol=1e-10)
     x_direct, _ = direct(head, b)

@@ -8,14 +8,14 @@ import pytest
 import tensorflow as tf
 
 import tf_influence as tfi
-from tests import solver_helpers as sh
-from tests.solver_helpers import relative_error
+from tests import helpers as sh
+from tests.helpers import relative_error
 from tf_influence.solvers import CG, SOLVERS, Direct, LiSSA, ScipyNCG, inverse_hvp, make_solver
 
 
-@pytest.fixture(scope="module")
-def prob():
-    return sh.softmax_regression()
+@pytest.fixture
+def prob(softmax_regression):
+    return softmax_regression
 
 
 METHODS = {
@@ -76,11 +76,11 @@ def test_make_solver_rejects_bad_input():
         make_solver("newton")
     with pytest.raises(tfi.InputError, match=r"Unknown option\(s\) \['tolerance'\] for method 'cg'. Its options: \['tol'"):
         make_solver("cg", tolerance=1e-3)
-    with pytest.raises(tfi.InputError, match=r"CG: tol must be a positive number. Received tol=-1"):
+    with pytest.raises(tfi.InputError, match=r"CG: tol must be a positive number. Received: tol=-1"):
         make_solver("cg", tol=-1)
-    with pytest.raises(tfi.InputError, match=r"LiSSA: recursion_depth must be a positive integer. Received recursion_depth=2.5"):
+    with pytest.raises(tfi.InputError, match=r"LiSSA: recursion_depth must be a positive integer. Received: recursion_depth=2.5"):
         LiSSA(recursion_depth=2.5)
-    with pytest.raises(tfi.InputError, match=r"LiSSA: sampling must be one of .*Received sampling='random'"):
+    with pytest.raises(tfi.InputError, match=r"LiSSA: sampling must be one of .*Received: sampling='random'"):
         LiSSA(sampling="random")
     with pytest.raises(tfi.InputError, match=r"Direct: on_indefinite must be one of"):
         Direct(on_indefinite="maybe")

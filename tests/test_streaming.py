@@ -1,9 +1,9 @@
 """Scores written to disk batch by batch: resumable after an interruption, bounded memory."""
 
 import json
+import pathlib
 import subprocess
 import sys
-import textwrap
 
 import keras
 import numpy as np
@@ -28,7 +28,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_matrix(influence, tmp_path
     inf, test = influence
     expected = inf.scores(test)
     path = tmp_path / "scores.npy"
-    dots, calls = inf._dots, []
+    dots, calls = inf.gradient_dots, []
 
     def interrupted(batch, directions):
         calls.append(1)
@@ -36,13 +36,13 @@ def test_interrupted_run_resumes_to_the_uninterrupted_matrix(influence, tmp_path
             raise KeyboardInterrupt("simulated interruption")
         return dots(batch, directions)
 
-    inf._dots = interrupted
+    inf.gradient_dots = interrupted
     with pytest.raises(KeyboardInterrupt):
         tfi.score_to_file(inf, test, path)
     state = json.loads((tmp_path / "scores.npy.progress.json").read_text())
     assert state["batches_done"] == 3 and not state["complete"]
 
-    inf._dots = lambda batch, directions: calls.append(1) or dots(batch, directions)
+    inf.gradient_dots = lambda batch, directions: calls.append(1) or dots(batch, directions)
     inf.test_inverse_hvps = lambda data: pytest.fail("a resumed run must reuse the saved test IHVPs")
     calls.clear()
     scores = tfi.score_to_file(inf, test, path)
@@ -64,51 +64,39 @@ def test_resume_with_other_weights_is_refused(influence, tmp_path):
         tfi.score_to_file(inf, test, tmp_path / "scores.csv")
 
 
-_MEMORY = textwrap.dedent("""
-    import os, sys, threading, time
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    import keras, numpy as np, tensorflow as tf
-    import tf_influence as tfi
-    n = int(sys.argv[1])
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((32,)), keras.layers.Dense(16, activation="tanh"),
-                              keras.layers.Dense(4, name="head")])
-    def example(i):
-        g = tf.random.stateless_normal([32], seed=tf.stack([i, tf.constant(0, tf.int64)]))
-        return g, tf.math.floormod(i, 4), tf.constant(1.0)
-    train = tf.data.Dataset.range(n).map(example).batch(1000)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    inf = tfi.Influence(model, loss, train, variables="head", method="direct", damping=0.1,
-                        curvature="gauss_newton", progress=False)
-    test = tf.data.Dataset.range(n, n + 8).map(example).batch(8)
-
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    peak, running = [rss()], True
-    def sample():  # the resident set while scoring (ru_maxrss would be the import-time peak)
-        while running:
-            peak.append(rss())
-            time.sleep(0.005)
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    scores = tfi.score_to_file(inf, test, sys.argv[2])
-    running = False
-    sampler.join()
-    assert scores.shape == (8, n)
-    print(max(peak))
-""")
+MEMORY_SCRIPT = pathlib.Path(__file__).resolve().parent / "scripts" / "streaming_memory.py"
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_n_train(tmp_path):
-    script = tmp_path / "memory.py"
-    script.write_text(_MEMORY)
     peaks = {}
     for n in (10_000, 50_000):
-        result = subprocess.run([sys.executable, str(script), str(n), str(tmp_path / f"s{n}.npy")],
+        result = subprocess.run([sys.executable, str(MEMORY_SCRIPT), str(n), str(tmp_path / f"s{n}.npy")],
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         peaks[n] = int(result.stdout.strip().splitlines()[-1])
     print(f"peak RSS while scoring (bytes): {peaks}")
     assert peaks[50_000] < 1.2 * peaks[10_000], peaks
+
+
+def test_resume_after_the_training_data_changed_is_refused(influence, tmp_path):
+    inf, test = influence
+    path = tmp_path / "scores.npy"
+    x, y = (np.concatenate([b.numpy() for b in parts]) for parts in zip(*[(bx, by) for bx, by, _ in
+                                                                          inf.problem.dataset]))
+    tfi.score_to_file(inf, test, path)
+    corrected = y.copy()
+    corrected[7] = (corrected[7] + 1) % 3  # a corrected label: same shapes, other scores
+    relabelled = tfi.Influence(inf.model, sce, (x, corrected), method="direct", damping=0.5,
+                               curvature="gauss_newton", batch_size=5, progress=False)
+    before = np.array(np.load(path))
+    with pytest.raises(tfi.InputError, match=r"holds a run for other training data than this call's; it cannot be "
+                                             r"resumed.*resume=False"):
+        tfi.score_to_file(relabelled, test, path)
+    np.testing.assert_array_equal(np.load(path), before)  # the earlier run is left as it was
+    rebatched = tfi.Influence(inf.model, sce, (x, y), method="direct", damping=0.5, curvature="gauss_newton",
+                              batch_size=4, progress=False)
+    with pytest.raises(tfi.InputError, match="other batching than this call's"):
+        tfi.score_to_file(rebatched, test, path)
+    fresh = tfi.score_to_file(relabelled, test, path, resume=False)
+    np.testing.assert_allclose(fresh, relabelled.scores(test), rtol=1e-12, atol=1e-15)

@@ -1,7 +1,13 @@
-"""tf_influence: influence functions and inverse-Hessian-vector products for TensorFlow / Keras."""
+"""tf_influence: influence functions and inverse-Hessian-vector products for TensorFlow / Keras.
 
-from tf_influence.checks import HVPCheck, check_hvp
+The stages, each a package or module that only uses the ones before it (README, "Architecture"):
+problem (model + loss + data + variables) -> curvature (derivative calculus) -> operators ->
+solvers -> influence (scores) -> export (SavedModel); diagnostics and validation on the side.
+"""
+
+from tf_influence import solvers, validation
 from tf_influence.data import as_dataset
+from tf_influence.diagnostics import HVPCheck, check_hvp
 from tf_influence.errors import (
     DivergenceError,
     InfluenceError,
@@ -13,19 +19,21 @@ from tf_influence.errors import (
     UnsupportedLayerError,
 )
 from tf_influence.export import export_saved_model
-from tf_influence.influence import Influence, TopK
+from tf_influence.influence import Influence, TopK, score_to_file
+from tf_influence.linalg import SpectrumEstimate, extreme_eigenvalues
 from tf_influence.objective import Objective
-from tf_influence.operators import HessianOperator
+from tf_influence.operators import ChainHessian, CurvatureSource, EKFACOperator, HessianOperator
 from tf_influence.params import ParameterSpace, select_variables
+from tf_influence.problem import Problem
 from tf_influence.solvers.dispatch import inverse_hvp
-from tf_influence.spectrum import SpectrumEstimate, extreme_eigenvalues
-from tf_influence.streaming import score_to_file
-from tf_influence import solvers, validation  # noqa: E402  (namespaces: tfi.solvers.CG, tfi.validation)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "ChainHessian",
+    "CurvatureSource",
     "DivergenceError",
+    "EKFACOperator",
     "HVPCheck",
     "HessianOperator",
     "Influence",
@@ -35,6 +43,7 @@ __all__ = [
     "NotFiniteError",
     "Objective",
     "ParameterSpace",
+    "Problem",
     "ResourceError",
     "SecondDerivativeError",
     "SpectrumEstimate",

@@ -17,7 +17,7 @@ works inside the solvers' compiled loops. Every worker of a `MultiWorkerMirrored
 the same data in the same order (each reads every batch and computes only its own shards): give
 every worker the same arrays, or the same unshuffled `tf.data` pipeline.
 
-`HessianOperator`, `Influence` and `fit_factors` take `strategy=` and call these functions.
+`Problem` resolves the strategy; the data passes of `HessianOperator`, `Influence` and `fit_factors` call these functions.
 
 Example:
   >>> strategy = tf.distribute.MirroredStrategy()
@@ -173,27 +173,6 @@ def gather_batch(tensor):
     start, stop = shard_bounds(tf.shape(whole)[0], context.replica_id_in_sync_group,
                                context.num_replicas_in_sync)
     return whole, start, stop
-
-
-def whole_batch_targets(objective, outputs, y, *, fisher, num_samples=1, seed=(0, 0)):
-    """`curvature.targets.output_targets` for this replica's shard, equal to the single-device ones.
-
-    Inside a replica function `outputs` and `y` are this replica's shard of a batch. Deterministic
-    targets (fisher="empirical", "ggn") are per example, computed on the shard. Sampled labels
-    (fisher="true") come from one stateless draw over the whole batch on a single device, so the
-    outputs of every shard are gathered, labels drawn for the whole batch with the same seed, and
-    the targets cut to this shard. Returns `(us, weights)` as `output_targets` does.
-    """
-    from tf_influence.curvature import targets  # deferred: curvature imports this module
-
-    if fisher != "true":
-        return targets.output_targets(objective, outputs, y, fisher=fisher, num_samples=num_samples, seed=seed)
-    whole, start, stop = gather_batch(tf.stop_gradient(tf.convert_to_tensor(outputs)))
-    # The samplers read only the labels' shape and dtype, never their values.
-    whole_y = tf.zeros(tf.concat([tf.shape(whole)[:1], tf.shape(y)[1:]], 0), y.dtype)
-    us, weights = targets.output_targets(objective, whole, whole_y, fisher=fisher, num_samples=num_samples,
-                                         seed=seed)
-    return [u[start:stop] for u in us], [c[start:stop] for c in weights]
 
 
 def _batch_size(batch):

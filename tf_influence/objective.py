@@ -3,13 +3,18 @@
     R(θ) = Σᵢ wᵢ ℓ(zᵢ, θ) / Σᵢ wᵢ  +  Σ weight regularisers (model.losses)  +  (l2/2)·‖θ‖²
 
 `Objective` knows how to evaluate per-example losses and the data-independent part Ω(θ); it holds
-no data and no curvature. Sums over data live in `hvp.py` and `operators.py`.
+no data and no curvature. `Problem` joins it with the data and the selected variables.
 """
+
+import warnings
 
 import numpy as np
 import tensorflow as tf
 
+from tf_influence import loss_checks
 from tf_influence.errors import InputError, NotFiniteError
+from tf_influence.losses import check_labels, resolve_loss
+from tf_influence.output_losses import OutputLosses
 
 
 class Objective:
@@ -18,17 +23,21 @@ class Objective:
     Args:
       model: a built Keras model (Sequential, Functional or subclassed; Keras 3 or tf-keras).
       loss: a Keras loss instance, a loss name (`"sparse_categorical_crossentropy"`, `"mse"`, ...),
-        or a callable `fn(y_true, y_pred) -> [batch]` of per-example losses.
+        or a callable `fn(y_true, y_pred) -> [batch]` of per-example losses; labels and outputs
+        are rank-aligned as Keras aligns them. For a multi-output model, a dict
+        `{output_name: loss}` or a list with one loss per output, as in `model.compile`.
       l2: coefficient of the extra `(l2/2)·‖θ‖²` term over the selected variables.
       training: value of the `training` argument the model is called with (default False, so
         dropout is off and BatchNormalization uses its moving statistics).
+      loss_weights: for per-output losses, a dict or list of weights (default 1 each): the
+        per-example loss is `Σ_k w_k ℓ_k`, as `model.compile(loss_weights=...)` trains.
 
     Example:
       >>> objective = Objective(model, "sparse_categorical_crossentropy", l2=1e-3)
       >>> losses = objective.per_example_loss(y, objective.outputs(x))   # [batch]
     """
 
-    def __init__(self, model, loss, *, l2=0.0, training=False):
+    def __init__(self, model, loss, *, l2=0.0, training=False, loss_weights=None):
         if not callable(model) or not hasattr(model, "trainable_variables"):
             raise InputError(f"model must be a Keras model. Received: {type(model).__name__}.")
         if not getattr(model, "built", True) or not model.weights:
@@ -42,17 +51,22 @@ class Objective:
         self.model = model
         self.l2 = l2
         self.training = training
-        self.loss_name, self._loss_fn = _resolve_loss(loss, model)
+        self.loss = loss
+        self.loss_name, self.loss_function = resolve_loss(loss, model, loss_weights)
+
+    @property
+    def has_weight_regularizers(self):
+        """True when some trainable weight of the model has a regulariser (a term of `model.losses`)."""
+        if hasattr(self.model, "_get_regularization_losses"):  # Keras 3
+            return any(getattr(v, "regularizer", None) is not None for v in self.model.trainable_weights)
+        return bool(self.model.losses)  # tf-keras
 
     def outputs(self, x):
         return self.model(x, training=self.training)
 
     def per_example_loss(self, y, outputs):
         """Per-example losses `[batch]`; extra axes (e.g. time steps) are averaged."""
-        losses = tf.convert_to_tensor(self._loss_fn(y, outputs))
-        if losses.shape.rank is not None and losses.shape.rank > 1:
-            losses = tf.reduce_mean(losses, axis=list(range(1, losses.shape.rank)))
-        return losses
+        return _per_example(tf.convert_to_tensor(self.loss_function(y, outputs)))
 
     def weighted_loss_sum(self, x, y, w):
         """`Σᵢ wᵢ ℓᵢ` over one batch."""
@@ -79,14 +93,26 @@ class Objective:
                 f"The model could not be called on {name}: x has shape {shapes(x)}. "
                 f"Expected inputs matching the model's input shape. Original error: {e}"
             ) from e
-        _check_labels(self.loss_name, y, outputs, name)
+        multi_output = isinstance(outputs, (list, tuple, dict)) and not isinstance(self.loss_function, OutputLosses)
+        hint = ""
+        if multi_output:
+            names = list(outputs) if isinstance(outputs, dict) else list(getattr(self.model, "output_names", []))
+            hint = (f" The model has {len(outputs)} outputs {names}: give one loss per output as in model.compile, "
+                    f"loss={{{', '.join(repr(n) + ': ...' for n in names)}}} (or a list in output order), and "
+                    "optionally loss_weights (same keys); the per-example loss is then Σ_k w_k·ℓ_k.")
+            if isinstance(self.loss, str) or hasattr(self.loss, "get_config"):
+                raise InputError(f"The loss {self.loss_name!r} is one loss for one output.{hint}")
+        for loss_name, labels, output in self._label_pairs(y, outputs):
+            check_labels(loss_name, labels, output, name)
         try:
             losses = self.per_example_loss(y, outputs)
+        except InputError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise InputError(
                 f"The loss {self.loss_name!r} could not be computed on {name}: labels y have shape "
                 f"{shapes(y)} and dtype {tf.nest.map_structure(lambda t: t.dtype.name, y)}; the model's "
-                f"output has shape {shapes(outputs)}. Original error: {e}"
+                f"output has shape {shapes(outputs)}. Original error: {e}{hint}"
             ) from e
         n = int(tf.shape(w)[0])
         if losses.shape.rank == 0:
@@ -111,86 +137,46 @@ class Objective:
             if t.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(t))):
                 raise NotFiniteError(f"{name}: x contains NaN/Inf values; clean the data first.")
 
+    def check_model(self, batch, name="data"):
+        """Warns (once, on one batch) where the numbers would silently not be what the user means.
 
-def _resolve_loss(loss, model):
-    module = _keras_module(model)
-    if isinstance(loss, str):
-        try:
-            resolved = module.losses.get(loss)
-        except (ValueError, TypeError) as e:
-            raise InputError(
-                f"Unknown loss name {loss!r}. Use a Keras loss name such as "
-                "'sparse_categorical_crossentropy', 'binary_crossentropy' or 'mse', or pass a callable."
-            ) from e
-        if resolved is None:
-            raise InputError(f"Unknown loss name {loss!r}.")
-        name = loss
-        loss = resolved
-    else:
-        name = getattr(loss, "name", None) or getattr(loss, "__name__", type(loss).__name__)
-    if hasattr(loss, "call") and hasattr(loss, "get_config"):  # a Keras Loss instance
-        return name, loss.call
-    if callable(loss):
-        return name, loss
-    raise InputError(
-        f"loss must be a Keras loss, a loss name, or a callable returning per-example losses. "
-        f"Received: {type(loss).__name__}."
-    )
+        A `from_logits` setting that does not match the outputs, cross-entropy losses saturated to
+        exactly 0, and a random model (stochastic layers run with `training=True`); see
+        `tf_influence.loss_checks`. Returns the messages.
+        """
+        x, y, _ = batch
+        outputs = self.outputs(x)
+        messages = []
+        if isinstance(self.loss_function, OutputLosses):
+            parts = [(self.loss_function.losses[key], loss_name, fn, labels, output, None)
+                     for key, loss_name, fn, _, labels, output in self.loss_function.parts(y, outputs)]
+        else:
+            parts = [(self.loss, self.loss_name, self.loss_function, y, outputs, self.model)]
+        for loss, loss_name, fn, labels, output, model in parts:
+            messages.append(loss_checks.logits_mismatch(loss, loss_name, output, model))
+            losses = _per_example(tf.convert_to_tensor(fn(labels, output)))
+            messages.append(loss_checks.saturated_losses(loss_name, losses, output, name))
+        if self.training:
+            messages.append(loss_checks.nondeterministic(self.model, self.outputs, x, name))
+        messages = [m for m in messages if m]
+        for message in messages:
+            warnings.warn(message, stacklevel=3)
+        return messages
+
+    def _label_pairs(self, y, outputs):
+        if isinstance(self.loss_function, OutputLosses):
+            return [(loss_name, labels, output)
+                    for _, loss_name, _, _, labels, output in self.loss_function.parts(y, outputs)]
+        return [(self.loss_name, y, outputs)]
 
 
-def _keras_module(model):
-    if type(model).__module__.startswith("tf_keras") or any(
-        c.__module__.startswith("tf_keras") for c in type(model).__mro__
-    ):
-        import tf_keras
-
-        return tf_keras
-    import keras
-
-    return keras
+def _per_example(losses):
+    if losses.shape.rank is not None and losses.shape.rank > 1:
+        losses = tf.reduce_mean(losses, axis=list(range(1, losses.shape.rank)))
+    return losses
 
 
 def _weight_regularization(model):
     if hasattr(model, "_get_regularization_losses"):  # Keras 3: fresh regulariser(variable) terms
         return list(model._get_regularization_losses())
     return [t for t in model.losses]  # tf-keras: callable weight losses, evaluated on access
-
-
-def _check_labels(loss_name, y, outputs, name):
-    """Label checks for the common Keras losses, where Keras itself would silently misbehave."""
-    key = str(loss_name).lower().replace("_", "")
-    if not isinstance(y, tf.Tensor) or not isinstance(outputs, tf.Tensor):
-        return
-    if "sparsecategorical" in key:
-        num_classes = outputs.shape[-1]
-        values = tf.cast(y, tf.float64)
-        integral = bool(tf.reduce_all(tf.equal(values, tf.round(values))))
-        if not integral or not y.dtype.is_integer and not y.dtype.is_floating:
-            raise InputError(
-                f"{name}: {loss_name!r} needs integer class labels. Received dtype {y.dtype.name} "
-                "with non-integer values; use one-hot labels with 'categorical_crossentropy' instead."
-            )
-        lo, hi = float(tf.reduce_min(values)), float(tf.reduce_max(values))
-        if num_classes is not None and (lo < 0 or hi >= num_classes):
-            raise InputError(
-                f"{name}: class labels must lie in [0, {num_classes}) for a model with {num_classes} "
-                f"outputs. Received labels in [{lo:g}, {hi:g}]."
-            )
-        if y.shape.rank is not None and y.shape.rank > 1 and y.shape[-1] != 1:
-            raise InputError(
-                f"{name}: {loss_name!r} needs labels of shape [batch] or [batch, 1]. Received "
-                f"{tuple(y.shape)}; one-hot labels go with 'categorical_crossentropy'."
-            )
-    elif "categoricalcrossentropy" in key or key in ("kldivergence", "kld"):
-        if tuple(y.shape) != tuple(outputs.shape):
-            raise InputError(
-                f"{name}: {loss_name!r} needs one-hot labels shaped like the output "
-                f"{tuple(outputs.shape)}. Received {tuple(y.shape)}; integer labels go with "
-                "'sparse_categorical_crossentropy'."
-            )
-    elif "binarycrossentropy" in key or "binaryfocal" in key:
-        values = tf.cast(y, tf.float64)
-        if bool(tf.reduce_any((values < 0) | (values > 1))):
-            raise InputError(f"{name}: {loss_name!r} needs labels in [0, 1]. Received values outside it.")
-    if y.dtype == tf.string:
-        raise InputError(f"{name}: labels are strings; encode them as numbers first.")

@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence.errors import InputError
+from tf_influence.layers import find_layer, walk_layers
 
 
 def select_variables(model, variables=None):
@@ -87,18 +88,11 @@ def _resolve(model, item, index, trainable):
 
 
 def _find_layer(model, name):
-    for layer in _all_layers(model):
-        if layer.name == name:
-            return layer
-    names = [layer.name for layer in _all_layers(model)]
-    raise InputError(f"No layer named {name!r} in model {model.name!r}. Layers: {names}.")
-
-
-def _all_layers(model):
-    for layer in getattr(model, "layers", []):
-        yield layer
-        if getattr(layer, "layers", None):
-            yield from _all_layers(layer)
+    layer = find_layer(model, name)
+    if layer is None:
+        names = [layer.name for layer in walk_layers(model)]
+        raise InputError(f"No layer named {name!r} in model {model.name!r}. Layers: {names}.")
+    return layer
 
 
 def _is_variable(obj):
@@ -113,6 +107,7 @@ def _tf_variable(v):
 
 
 def tf_variables(variables):
+    """The `tf.Variable`s behind a list of (Keras 3 or tf.Variable) variables."""
     return [_tf_variable(v) for v in variables]
 
 

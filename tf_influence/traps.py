@@ -8,6 +8,8 @@ order 1 measured on TF 2.21). Gauss-Newton products and finite differences use o
 derivatives of the network and stay correct.
 """
 
+from tf_influence.layers import sublayers, walk_layers
+
 _ALWAYS = ("LayerNormalization", "GroupNormalization")
 _IN_TRAINING = ("BatchNormalization", "SyncBatchNormalization")
 
@@ -20,12 +22,13 @@ def second_derivative_traps(model, variables, *, training=False):
     order, so any such layer is reported.
     """
     kinds = _ALWAYS + (_IN_TRAINING if training else ())
-    ordered = list(_ordered_layers(model))
+    ordered = list(walk_layers(model))
     selected = {id(v) for v in variables}
     has_order = _is_graph_model(model)
     first_selected = None
     for position, layer in enumerate(ordered):
-        if any(id(v) in selected for v in getattr(layer, "trainable_weights", [])):
+        owns = not sublayers(layer) and any(id(v) in selected for v in getattr(layer, "trainable_weights", []))
+        if owns:
             first_selected = position
             break
     traps = []
@@ -35,13 +38,6 @@ def second_derivative_traps(model, variables, *, training=False):
         if not has_order or first_selected is None or position >= first_selected:
             traps.append(layer.name)
     return traps
-
-
-def _ordered_layers(model):
-    for layer in getattr(model, "layers", []):
-        if getattr(layer, "layers", None):
-            yield from _ordered_layers(layer)
-        yield layer
 
 
 def _is_graph_model(model):

@@ -20,7 +20,7 @@ import tensorflow as tf
 from tf_influence.data import as_dataset
 from tf_influence.errors import InputError
 from tf_influence.objective import Objective
-from tf_influence.params import ParameterSpace, select_variables, tf_variables
+from tf_influence.problem import Problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +53,7 @@ def fit_to_optimum(model, loss, train, *, variables=None, l2=0.0, tolerance=1e-1
     Example:
       >>> fit_to_optimum(model, "binary_crossentropy", (x, y), l2=1e-2)
     """
-    problem = _Problem(model, loss, train, variables, l2, batch_size)
+    problem = _Retraining(model, loss, train, variables, l2, batch_size)
     theta, grad_norm = problem.minimize(problem.theta(), np.ones(problem.n), tolerance, max_iterations)
     problem.assign(theta)
     return grad_norm
@@ -82,7 +82,7 @@ def leave_one_out(model, loss, train, test, indices, *, predicted=None, variable
       >>> result = leave_one_out(model, loss, train, test, idx, predicted=pred, l2=1e-2)
       >>> result.pearson
     """
-    problem = _Problem(model, loss, train, variables, l2, batch_size)
+    problem = _Retraining(model, loss, train, variables, l2, batch_size)
     indices = np.atleast_1d(np.asarray(indices))
     if indices.dtype.kind not in "iu" or np.any(indices < 0) or np.any(indices >= problem.n):
         raise InputError(f"indices must be integers in [0, {problem.n}). Received {indices.tolist()}.")
@@ -166,7 +166,7 @@ def subset_retrainer(model, loss, train, test, *, variables=None, l2=0.0, tolera
       >>> retrain = subset_retrainer(model, "binary_crossentropy", train, test, l2=0.1)
       >>> lds = linear_datamodeling_score(inf.predicted_loss_change(test), retrain)
     """
-    problem = _Problem(model, loss, train, variables, l2, batch_size)
+    problem = _Retraining(model, loss, train, variables, l2, batch_size)
     test_set = as_dataset(test, batch_size=batch_size, name="test")
     start = problem.theta()
 
@@ -186,16 +186,15 @@ def subset_retrainer(model, loss, train, test, *, variables=None, l2=0.0, tolera
     return retrain
 
 
-class _Problem:
+class _Retraining:
     """The mean objective over the selected variables as a function of a flat θ, per-example masks."""
 
     def __init__(self, model, loss, train, variables, l2, batch_size):
-        self.objective = loss if isinstance(loss, Objective) else Objective(model, loss, l2=l2)
-        self.variables = select_variables(model, variables)
-        self.space = ParameterSpace(self.variables)
-        self.tf_vars = tf_variables(self.variables)
-        self.dataset = as_dataset(train, batch_size=batch_size, name="train")
-        self.weights = np.concatenate([w.numpy() for _, _, w in self.dataset]).astype(np.float64)
+        problem = Problem(model, loss, train, variables, l2=0.0 if isinstance(loss, Objective) else l2,
+                          batch_size=batch_size, name="train")
+        self.objective, self.variables = problem.objective, problem.variables
+        self.space, self.tf_vars, self.dataset = problem.space, problem.tf_variables, problem.dataset
+        self.weights = problem.weights()
         self.n = len(self.weights)
         self._value_and_gradient = tf.function(self._value_and_gradient_fn)
         self._lbfgs = {}
@@ -214,7 +213,7 @@ class _Problem:
         weight = tf.zeros([], self.space.dtype)
         grad = tf.zeros([self.space.size], self.space.dtype)
         offset = tf.constant(0)
-        for x, y, w in iter(self.dataset):  # an iterator: see HessianOperator._data_pass_fn
+        for x, y, w in iter(self.dataset):  # an iterator, as in HessianOperator's data pass
             size = tf.shape(w)[0]
             wm = tf.cast(w, self.space.dtype) * tf.cast(mask[offset:offset + size], self.space.dtype)
             with tf.GradientTape() as tape:

@@ -1,29 +1,29 @@
-"""Layer capture and KFAC/EKFAC curvature factors (see DESIGN.md, "EKFAC").
+"""Derivative calculus of the training objective: the pieces the curvature operators are built from.
 
-Pipeline: `find_blocks` + `capture` (capture.py) -> `fit_factors` (factors.py, with the output
-targets of targets.py) -> `EKFACOperator` (operator.py) -> `ekfac_scores` (scores.py);
-`save_factors` / `load_factors` (storage.py).
+  products.py     curvature-vector products of one batch (Hessian three ways, Gauss-Newton)
+  capture.py      layer inputs / pre-activation gradients without hooks (`find_blocks`, `capture`)
+  targets.py      output-space vectors for Fisher / Gauss-Newton statistics (sampled labels, exact GGN)
+  factors.py      KFAC/EKFAC factors fitted over the data (`fit_factors`)
+  storage.py      saving and loading factors with the settings and weights they belong to
+  chain_plan.py   a Dense chain as stages; chain_blocks.py: their closed-form derivative blocks
+
+The mathematics is in docs/mathematics.md.
 """
 
 from tf_influence.curvature.capture import LayerBlock, Recording, capture, find_blocks
 from tf_influence.curvature.factors import FactorSettings, Factors, LayerFactors, fit_factors, layer_rows
-from tf_influence.curvature.operator import EKFACOperator
-from tf_influence.curvature.scores import ekfac_scores
-from tf_influence.curvature.storage import load_factors, model_fingerprint, save_factors
+from tf_influence.curvature.storage import load_factors, save_factors
 
 __all__ = [
-    "EKFACOperator",
     "FactorSettings",
     "Factors",
     "LayerBlock",
     "LayerFactors",
     "Recording",
     "capture",
-    "ekfac_scores",
     "find_blocks",
     "fit_factors",
     "layer_rows",
     "load_factors",
-    "model_fingerprint",
     "save_factors",
 ]

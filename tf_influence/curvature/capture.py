@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence.errors import UnsupportedLayerError
+from tf_influence.layers import leaf_layers
 
 SUPPORTED_LAYERS = ("Dense", "EinsumDense", "Conv1D", "Conv2D", "Embedding")
 
@@ -130,7 +131,7 @@ def find_blocks(model, variables):
     """
     selected = {id(v) for v in variables}
     blocks, problems, covered = [], [], set()
-    for layer in _leaf_layers(model):
+    for layer in leaf_layers(model):
         mine = [v for v in layer.trainable_weights if id(v) in selected and id(v) not in covered]
         if not mine:
             continue
@@ -228,14 +229,6 @@ def _recording_call(layer, original, recording, index, tape):
         return activation(z) if activation is not None else z
 
     return call
-
-
-def _leaf_layers(model):
-    for layer in getattr(model, "layers", []):
-        if getattr(layer, "layers", None):
-            yield from _leaf_layers(layer)
-        else:
-            yield layer
 
 
 def _unsupported_reason(layer, mine):

@@ -32,16 +32,15 @@ import dataclasses
 import logging
 import time
 
-import numpy as np
 import tensorflow as tf
 
+from tf_influence import arguments
 from tf_influence import distribute as _distribute
 from tf_influence.curvature import targets as _targets
 from tf_influence.curvature.capture import capture, find_blocks
-from tf_influence.data import as_dataset, first_batch
+from tf_influence.data import first_batch
 from tf_influence.errors import InputError, NotFiniteError
-from tf_influence.objective import Objective
-from tf_influence.params import ParameterSpace, select_variables
+from tf_influence.params import ParameterSpace
 
 _log = logging.getLogger(__name__)
 
@@ -73,24 +72,12 @@ class FactorSettings:
     weight_sharing: str = "expand"
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise InputError(f"method must be one of {METHODS}. Received: method={self.method!r}.")
-        if self.fisher not in _targets.FISHER_MODES:
-            raise InputError(
-                f"fisher must be one of {_targets.FISHER_MODES}. Received: fisher={self.fisher!r}.")
-        if not isinstance(self.num_samples, (int, np.integer)) or self.num_samples < 1:
-            raise InputError(f"num_samples must be a positive integer. Received: num_samples={self.num_samples!r}.")
-        if not isinstance(self.seed, (int, np.integer)):
-            raise InputError(f"seed must be an integer. Received: seed={self.seed!r}.")
-        if self.dtype not in ("float64", "float32"):
-            raise InputError(f"dtype must be 'float64' or 'float32'. Received: dtype={self.dtype!r}.")
-        check_weight_sharing(self.weight_sharing)
-
-
-def check_weight_sharing(value):
-    if value not in WEIGHT_SHARING:
-        raise InputError(
-            f"weight_sharing must be one of {WEIGHT_SHARING}. Received: weight_sharing={value!r}.")
+        arguments.one_of(self.method, "method", METHODS)
+        arguments.one_of(self.fisher, "fisher", _targets.FISHER_MODES)
+        arguments.positive_int(self.num_samples, "num_samples")
+        arguments.integer(self.seed, "seed")
+        arguments.one_of(self.dtype, "dtype", ("float64", "float32"))
+        arguments.one_of(self.weight_sharing, "weight_sharing", WEIGHT_SHARING)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -133,10 +120,13 @@ class Factors:
       variables: the selected variables; `space`: their `ParameterSpace`.
       model: the model; `objective`: the `Objective` they were fitted with (None after `load`).
       num_examples: examples seen; `total_weight`: their summed sample weight.
+      model_fingerprint: the fingerprint of the weights they were fitted on (None if unknown).
+      data_fingerprint: the fingerprint of the training examples they were fitted on (None if
+        unknown); computed on first access for freshly fitted factors.
     """
 
     def __init__(self, settings, model, variables, blocks, layers, *, objective=None,
-                 num_examples=0, total_weight=0.0, seconds=0.0):
+                 num_examples=0, total_weight=0.0, seconds=0.0, model_fingerprint=None, data_fingerprint=None):
         self.settings = settings
         self.model = model
         self.variables = list(variables)
@@ -147,6 +137,14 @@ class Factors:
         self.num_examples = int(num_examples)
         self.total_weight = float(total_weight)
         self.seconds = float(seconds)
+        self.model_fingerprint = model_fingerprint
+        self._data_fingerprint = data_fingerprint  # a string, or a function computing it (lazily)
+
+    @property
+    def data_fingerprint(self):
+        if callable(self._data_fingerprint):
+            self._data_fingerprint = self._data_fingerprint()
+        return self._data_fingerprint
 
     @property
     def method(self):
@@ -162,67 +160,59 @@ class Factors:
                 f"parameters={self.space.size}, examples={self.num_examples})")
 
 
-def fit_factors(objective, data, variables=None, *, method="ekfac", fisher="true", num_samples=1,
-                seed=0, dtype="float64", weight_sharing="expand", batch_size=None, strategy=None):
-    """Fits KFAC or EKFAC factors with one (KFAC) or two (EKFAC) passes over the data.
+def fit_factors(problem, *, settings=None, **options):
+    """Fits KFAC or EKFAC factors with one (KFAC) or two (EKFAC) passes over the problem's data.
 
     Args:
-      objective: an `Objective` (model + per-example loss).
-      data: `(x, y)` / `(x, y, w)` arrays or a batched `tf.data.Dataset`.
-      variables: `None` (all trainable), or layers / layer names / variables, as in
-        `tfi.select_variables`. Every selected variable must sit in a supported layer.
-      method: "ekfac" or "kfac".
-      fisher: "true" (default), "empirical" or "ggn" (see `FactorSettings`).
-      num_samples: label samples per example for fisher="true".
-      seed: sampling seed.
-      dtype: accumulation dtype, "float64" or "float32".
-      weight_sharing: "expand" (KFC, default) or "reduce", for layers with T > 1 positions
-        (see `FactorSettings`).
-      batch_size: batch size when `data` holds arrays.
-      strategy: a `tf.distribute.Strategy` to split every batch across its replicas (statistics
-        summed across replicas; sampled labels drawn for the whole batch, so the factors equal
-        the single-device ones), or None for the strategy whose `scope()` is active.
+      problem: a `tfi.Problem` (model, loss, data, selected variables, strategy). Every selected
+        variable must sit in a supported layer. Under a `tf.distribute.Strategy` every batch is
+        split across the replicas and the statistics summed (sampled labels are drawn for the
+        whole batch), so the factors equal the single-device ones.
+      settings: a `FactorSettings`, or None to build one from `options`.
+      **options: `FactorSettings` fields: method ("ekfac" or "kfac"), fisher ("true", "empirical",
+        "ggn"), num_samples, seed, dtype ("float64" or "float32"), weight_sharing ("expand" or
+        "reduce").
 
     Returns:
       `Factors`.
 
     Raises:
       UnsupportedLayerError: a selected variable lies in a layer KFAC cannot factor.
-      InputError: bad settings, empty data, or a loss the sampler does not know (fisher="true").
+      InputError: bad settings, zero total weight, or a loss the sampler does not know (fisher="true").
       NotFiniteError: the gradients or factors contain NaN/Inf.
 
     Example:
-      >>> objective = tfi.Objective(model, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-      >>> factors = fit_factors(objective, (x, y), method="ekfac", seed=0)
+      >>> problem = tfi.Problem(model, keras.losses.SparseCategoricalCrossentropy(from_logits=True), (x, y))
+      >>> factors = fit_factors(problem, method="ekfac", seed=0)
       >>> inverse = EKFACOperator(factors, damping=1e-3).inverse()
     """
-    settings = FactorSettings(method=method, fisher=fisher, num_samples=num_samples, seed=seed, dtype=dtype,
-                              weight_sharing=weight_sharing)
-    if not isinstance(objective, Objective):
-        raise InputError(f"objective must be a tf_influence Objective. Received: {type(objective).__name__}.")
-    model = objective.model
-    variables = select_variables(model, variables)
-    blocks = find_blocks(model, variables)
-    dataset = as_dataset(data, batch_size=batch_size, name="data")
+    if settings is None:
+        settings = FactorSettings(**options)
+    elif options:
+        raise InputError(f"Pass either settings= or the options {sorted(options)}, not both.")
+    objective, dataset = problem.objective, problem.dataset
+    weights_fingerprint = problem.fingerprint()
+    blocks = find_blocks(problem.model, problem.variables)
     batch = first_batch(dataset, "data")
-    objective.validate(batch, "data")
-    _targets.check_outputs(objective, objective.outputs(batch[0]), fisher)
+    _targets.check_outputs(objective, objective.outputs(batch[0]), settings.fisher)
     start = time.perf_counter()
-    fitter = _Fitter(objective, blocks, settings, strategy=_distribute.resolve_strategy(strategy))
+    fitter = _Fitter(objective, blocks, settings, strategy=problem.strategy)
     sums, total_weight, count = fitter.first_pass(dataset)
     if total_weight <= 0:
         raise InputError("data has zero total sample weight; the mean objective is undefined.")
     layers = []
     for block, (a_sum, s_sum) in zip(blocks, sums):
         layers.append(_eigendecompose(block, a_sum / total_weight, s_sum / total_weight))
-    if method == "ekfac":
+    if settings.method == "ekfac":
         corrected = fitter.second_pass(dataset, layers)
         layers = [dataclasses.replace(layer, corrected=tf.maximum(c / total_weight, 0.0))
                   for layer, c in zip(layers, corrected)]
     seconds = time.perf_counter() - start
-    _log.info("fitted %s factors for %d layers on %d examples in %.2fs", method, len(blocks), count, seconds)
-    return Factors(settings, model, variables, blocks, layers, objective=objective,
-                   num_examples=count, total_weight=total_weight, seconds=seconds)
+    _log.info("fitted %s factors for %d layers on %d examples in %.2fs", settings.method, len(blocks), count,
+              seconds)
+    return Factors(settings, problem.model, problem.variables, blocks, layers, objective=objective,
+                   num_examples=count, total_weight=total_weight, seconds=seconds,
+                   model_fingerprint=weights_fingerprint, data_fingerprint=problem.data_fingerprint)
 
 
 class _Fitter:
@@ -314,7 +304,7 @@ def layer_rows(objective, blocks, x, y, *, fisher, num_samples=1, seed=(0, 0), d
         with capture(blocks, tape=tape) as recording:
             outputs = objective.outputs(x)
     recording.check_called(blocks)
-    targets = _distribute.whole_batch_targets if whole_batch_targets else _targets.output_targets
+    targets = _targets.whole_batch_targets if whole_batch_targets else _targets.output_targets
     us, weights = targets(objective, outputs, y, fisher=fisher, num_samples=num_samples, seed=seed)
     preacts = recording.flat_preactivations()
     per_target = [tape.gradient(outputs, preacts, output_gradients=u, unconnected_gradients=_ZERO)

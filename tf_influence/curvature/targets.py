@@ -19,6 +19,7 @@ The normalisation (mean over examples, weights `w_i`) is applied by the caller.
 
 import tensorflow as tf
 
+from tf_influence import distribute
 from tf_influence.errors import InputError
 
 FISHER_MODES = ("true", "empirical", "ggn")
@@ -53,6 +54,24 @@ def output_targets(objective, outputs, y, *, fisher, num_samples=1, seed=(0, 0))
             us.append(scale * _loss_gradient(objective, sampled, f))
         return us, [ones / num_samples] * num_samples
     raise InputError(f"Unknown fisher={fisher!r}. Expected one of {FISHER_MODES}.")
+
+
+def whole_batch_targets(objective, outputs, y, *, fisher, num_samples=1, seed=(0, 0)):
+    """`output_targets` for this replica's shard, equal to the single-device ones.
+
+    Inside a replica function `outputs` and `y` are this replica's shard of a batch. Deterministic
+    targets (fisher="empirical", "ggn") are per example, computed on the shard. Sampled labels
+    (fisher="true") come from one stateless draw over the whole batch on a single device, so the
+    outputs of every shard are gathered, labels drawn for the whole batch with the same seed, and
+    the targets cut to this shard. Returns `(us, weights)` as `output_targets` does.
+    """
+    if fisher != "true":
+        return output_targets(objective, outputs, y, fisher=fisher, num_samples=num_samples, seed=seed)
+    whole, start, stop = distribute.gather_batch(tf.stop_gradient(tf.convert_to_tensor(outputs)))
+    # The samplers read only the labels' shape and dtype, never their values.
+    whole_y = tf.zeros(tf.concat([tf.shape(whole)[:1], tf.shape(y)[1:]], 0), y.dtype)
+    us, weights = output_targets(objective, whole, whole_y, fisher=fisher, num_samples=num_samples, seed=seed)
+    return [u[start:stop] for u in us], [c[start:stop] for c in weights]
 
 
 def check_outputs(objective, outputs, fisher):

@@ -10,7 +10,7 @@ A chain `z_ℓ = f_ℓ(z_{ℓ−1}; x_ℓ)`, ℓ = 1..L, ends in a scalar loss `
 
 `chain_matmul` evaluates `(H + diag(shift)) v` by a forward tangent and a backward adjoint sweep;
 `chain_factorize` + `chain_factor_solve` solve `(H + diag(shift)) x = g` by the backward Riccati
-sweep (DESIGN.md, "Exact chain solver"). Each pivot `S_ℓ` is the block of a Schur complement of
+sweep (docs/mathematics.md, "Exact chain solver"). Each pivot `S_ℓ` is the block of a Schur complement of
 `H + diag(shift)` (eliminating x_L, ..., x_{ℓ+1}), so Cholesky succeeds on every pivot exactly when
 the matrix is positive definite, and the count of its negative eigenvalues is the sum of those of the
 pivots (Haynsworth inertia additivity). Both sweeps cost time linear in the depth L.

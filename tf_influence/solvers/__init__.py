@@ -1,26 +1,30 @@
-"""Inverse-Hessian-vector product solvers: one module per method, one entry point each.
+"""Inverse-Hessian-vector product solvers: one module per method, each with its function and its method class.
 
 Every solver solves `(H + λI) x = b` for an operator that already includes λ and returns
-`(x, SolveInfo)`. `inverse_hvp` dispatches by name; the method objects (`Direct`, `CG`, `LiSSA`,
-`ScipyNCG`, `EKFAC`, `KFAC`, `Chain`) carry settings for the influence API; `SOLVERS` maps names to them.
+`(x, SolveInfo)`. The method objects (`Direct`, `CG`, `LiSSA`, `ScipyNCG`, `EKFAC`, `KFAC`, `Chain`)
+carry settings and `prepare` the reusable state of a method (see `tf_influence.solvers.method`);
+`SOLVERS` maps names to them and `inverse_hvp` dispatches by name.
 """
 
-from tf_influence.solvers.cg import cg
-from tf_influence.solvers.direct import direct
+from tf_influence.solvers.cg import CG, cg
 from tf_influence.solvers.chain import Chain, chain_solve
-from tf_influence.solvers.dispatch import CG, SOLVERS, Direct, LiSSA, ScipyNCG, inverse_hvp, make_solver
+from tf_influence.solvers.direct import Direct, direct
+from tf_influence.solvers.dispatch import SOLVERS, inverse_hvp, make_solver
 from tf_influence.solvers.ekfac import EKFAC, KFAC
 from tf_influence.solvers.info import SolveInfo
-from tf_influence.solvers.lissa import lissa
-from tf_influence.solvers.scipy_ncg import scipy_ncg
+from tf_influence.solvers.lissa import LiSSA, lissa
+from tf_influence.solvers.method import Method, Prepared
+from tf_influence.solvers.scipy_ncg import ScipyNCG, scipy_ncg
 
 __all__ = [
     "CG",
     "Chain",
+    "Direct",
     "EKFAC",
     "KFAC",
-    "Direct",
     "LiSSA",
+    "Method",
+    "Prepared",
     "SOLVERS",
     "ScipyNCG",
     "SolveInfo",

@@ -1,15 +1,20 @@
 """Conjugate gradient for `(H + λI) x = b`, many right-hand sides at once, compiled as one loop."""
 
+import dataclasses
 import logging
 import time
+import typing
 import warnings
 
 import numpy as np
 import tensorflow as tf
 
+from tf_influence import arguments
 from tf_influence.errors import InputError, NegativeCurvatureError, NotFiniteError
-from tf_influence.solvers._common import apply_rows, as_rows, compiled, operator_size, row_dot
+from tf_influence.operators.rows import matmul_rows, operator_size
 from tf_influence.solvers.info import SolveInfo
+from tf_influence.solvers.method import Method, Prepared
+from tf_influence.solvers.rows import as_rows, compiled, relative_norms, row_dot
 
 _log = logging.getLogger(__name__)
 
@@ -21,7 +26,7 @@ _DEFAULT_MAXITER_CAP = 1000
 def cg(operator, b, *, x0=None, tol=1e-6, maxiter=None, preconditioner=None, jit_compile=False):
     """Solves `A x = b` for a self-adjoint positive definite `A` (e.g. `H + λI`) by conjugate gradient.
 
-    Algorithm (DESIGN.md, seed 002), with a preconditioner `M ≈ A⁻¹` (identity if none):
+    Algorithm (docs/mathematics.md, "Conjugate gradient"), with a preconditioner `M ≈ A⁻¹` (identity if none):
     `x = x0, r = b − A x0, z = M r, p = z, ρ = rᵀz`; repeat: `w = A p`, `α = ρ / pᵀw`, `x += α p`,
     `r −= α w`, `z = M r`, `p = z + (ρ_new / ρ) p`. All k right-hand sides advance together: each
     iteration is one `A` product on `[k, p]` rows (one pass over the data for a `HessianOperator`).
@@ -32,7 +37,7 @@ def cg(operator, b, *, x0=None, tol=1e-6, maxiter=None, preconditioner=None, jit
 
     Args:
       operator: the matrix `A` as a square self-adjoint `tf.linalg.LinearOperator`; its damping λ
-        (for `HessianOperator`) is already part of `A`. Anything with `.apply(rows)` or `.matmul`.
+        (for `HessianOperator`) is already part of `A`. Anything with `.matmul_rows(rows)` or `.matmul`.
       b: right-hand sides, `[p]` or `[k, p]` (k vectors as rows).
       x0: starting point shaped like `b` (default zeros; costs one extra product).
       tol: relative tolerance of the stop rule, > 0.
@@ -74,19 +79,14 @@ def cg(operator, b, *, x0=None, tol=1e-6, maxiter=None, preconditioner=None, jit
             "cg needs a positive definite operator; this one is hinted is_positive_definite=False. "
             "Add damping (HessianOperator(damping=...)) or use curvature='gauss_newton'."
         )
-    if jit_compile and getattr(operator, "dataset", None) is not None:
+    if jit_compile and getattr(operator, "problem", None) is not None:
         raise InputError(
             "cg(jit_compile=True) compiles the whole loop with XLA, which cannot iterate the "
             "operator's tf.data pass. Build the operator with jit_compile=True instead (e.g. "
             "tfi.HessianOperator(..., jit_compile=True)): each batch's product is then compiled."
         )
-    tol = float(tol)
-    if not np.isfinite(tol) or tol <= 0:
-        raise InputError(f"tol must be a positive number. Received: tol={tol}.")
-    if maxiter is None:
-        maxiter = min(10 * p, _DEFAULT_MAXITER_CAP)
-    if not isinstance(maxiter, (int, np.integer)) or isinstance(maxiter, bool) or maxiter < 1:
-        raise InputError(f"maxiter must be a positive integer. Received: maxiter={maxiter!r}.")
+    tol = arguments.positive_float(tol, "tol")
+    maxiter = arguments.positive_int(min(10 * p, _DEFAULT_MAXITER_CAP) if maxiter is None else maxiter, "maxiter")
     if preconditioner is not None:
         m_shape = getattr(preconditioner, "shape", None)
         if m_shape is not None and tuple(m_shape) != (p, p):
@@ -114,7 +114,7 @@ def cg(operator, b, *, x0=None, tol=1e-6, maxiter=None, preconditioner=None, jit
     _raise_for_flag(int(flag), float(bad_value), int(bad_row), int(iterations), operator)
 
     b_norm = np.linalg.norm(rows.numpy().astype(np.float64), axis=-1)
-    residuals = np.where(b_norm > 0, r_norm / np.where(b_norm > 0, b_norm, 1.0), r_norm)
+    residuals = relative_norms(r_norm, b_norm)
     done = r_norm <= tol * b_norm
     converged = bool(np.all(done))
     if not converged:
@@ -146,8 +146,8 @@ def _build_loop(op_ref, m_ref, jit_compile, has_x0):
 
     def loop(b, x0, tol, maxiter):
         operator, preconditioner = op_ref(), m_ref()
-        A = lambda v: apply_rows(operator, v)  # noqa: E731
-        M = (lambda r: apply_rows(preconditioner, r)) if preconditioner is not None else tf.identity  # noqa: E731
+        A = lambda v: matmul_rows(operator, v)  # noqa: E731
+        M = (lambda r: matmul_rows(preconditioner, r)) if preconditioner is not None else tf.identity  # noqa: E731
         k = tf.shape(b)[0]
         zero = tf.zeros([], b.dtype)
         tiny = tf.constant(np.finfo(b.dtype.as_numpy_dtype).tiny, b.dtype)
@@ -236,3 +236,29 @@ def _raise_for_flag(flag, value, row, iteration, operator):
         f"cg: the preconditioner is not positive definite: rᵀMr = {value:.4g} ≤ 0 at {where}. A "
         "preconditioner must approximate (H + λI)⁻¹ and be positive definite; add damping to it."
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class CG(Method):
+    """Compiled conjugate gradient (`solvers.cg`), all right-hand sides in one pass per iteration.
+
+    Example:
+      >>> x, info = CG(tol=1e-8).solve(H, g_rows)
+    """
+
+    tol: float = 1e-6
+    maxiter: typing.Optional[int] = None
+    preconditioner: typing.Any = None
+    jit_compile: bool = False
+    name: typing.ClassVar[str] = "cg"
+
+    def __post_init__(self):
+        arguments.positive_float(self.tol, "tol", owner="CG")
+        if self.maxiter is not None:
+            arguments.positive_int(self.maxiter, "maxiter", owner="CG")
+
+    def prepare(self, source):
+        operator = source.hessian()
+        return Prepared(self, operator, lambda rows: cg(
+            operator, rows, tol=self.tol, maxiter=self.maxiter, preconditioner=self.preconditioner,
+            jit_compile=self.jit_compile))

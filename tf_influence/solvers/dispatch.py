@@ -1,106 +1,21 @@
-"""One entry point for every IHVP method, and small method objects the influence API can hold.
+"""The registry of IHVP methods: names to method classes, `make_solver`, and `inverse_hvp`.
 
-A method object is a frozen dataclass of settings with a `name` and
-`solve(operator, rows) -> (x_rows, SolveInfo)`; `SOLVERS` maps names to their classes (other
-"ekfac"/"kfac" and "chain" live in their own modules).
+Each method lives in its own module with its function and its method class (see
+`tf_influence.solvers.method` for what a method object is); this module only maps names to them.
 """
 
 import dataclasses
-import typing
 
 import numpy as np
 import tensorflow as tf
 
 from tf_influence.errors import InputError
-from tf_influence.operators import MAX_DENSE_SIZE
-from tf_influence.solvers.cg import cg
+from tf_influence.solvers.cg import CG
 from tf_influence.solvers.chain import Chain
-from tf_influence.solvers.direct import direct
+from tf_influence.solvers.direct import Direct
 from tf_influence.solvers.ekfac import EKFAC, KFAC
-from tf_influence.solvers.lissa import lissa
-from tf_influence.solvers.scipy_ncg import scipy_ncg
-
-
-@dataclasses.dataclass(frozen=True)
-class Direct:
-    """Dense Cholesky / eigendecomposition solve (`solvers.direct`); exact, for p ≤ max_size."""
-
-    on_indefinite: str = "warn"
-    max_size: int = MAX_DENSE_SIZE
-    name: typing.ClassVar[str] = "direct"
-
-    def __post_init__(self):
-        _check_choice(self, "on_indefinite", ("warn", "raise", "ignore"))
-        _check_positive_int(self, "max_size")
-
-    def solve(self, operator, rows):
-        return direct(operator, rows, on_indefinite=self.on_indefinite, max_size=self.max_size)
-
-
-@dataclasses.dataclass(frozen=True)
-class CG:
-    """Compiled conjugate gradient (`solvers.cg`), all right-hand sides in one pass per iteration."""
-
-    tol: float = 1e-6
-    maxiter: typing.Optional[int] = None
-    preconditioner: typing.Any = None
-    jit_compile: bool = False
-    name: typing.ClassVar[str] = "cg"
-
-    def __post_init__(self):
-        _check_positive_float(self, "tol")
-        if self.maxiter is not None:
-            _check_positive_int(self, "maxiter")
-
-    def solve(self, operator, rows):
-        return cg(operator, rows, tol=self.tol, maxiter=self.maxiter, preconditioner=self.preconditioner,
-                  jit_compile=self.jit_compile)
-
-
-@dataclasses.dataclass(frozen=True)
-class LiSSA:
-    """Stochastic Neumann series (`solvers.lissa`); `scale="auto"` estimates λ_max by Lanczos."""
-
-    scale: typing.Union[float, str] = "auto"
-    batch_size: typing.Optional[int] = 256
-    recursion_depth: int = 1000
-    num_samples: int = 1
-    seed: int = 0
-    sampling: str = "independent"
-    progress: bool = True
-    check_residual: bool = True
-    name: typing.ClassVar[str] = "lissa"
-
-    def __post_init__(self):
-        if self.scale != "auto":
-            _check_positive_float(self, "scale")
-        if self.batch_size is not None:
-            _check_positive_int(self, "batch_size")
-        _check_positive_int(self, "recursion_depth")
-        _check_positive_int(self, "num_samples")
-        _check_choice(self, "sampling", ("independent", "shuffled_epochs"))
-
-    def solve(self, operator, rows):
-        return lissa(operator, rows, scale=self.scale, batch_size=self.batch_size,
-                     recursion_depth=self.recursion_depth, num_samples=self.num_samples, seed=self.seed,
-                     sampling=self.sampling, progress=self.progress, check_residual=self.check_residual)
-
-
-@dataclasses.dataclass(frozen=True)
-class ScipyNCG:
-    """`scipy.optimize.fmin_ncg` per right-hand side (`solvers.scipy_ncg`), for parity with Koh & Liang."""
-
-    avextol: float = 1e-8
-    maxiter: int = 100
-    name: typing.ClassVar[str] = "scipy"
-
-    def __post_init__(self):
-        _check_positive_float(self, "avextol")
-        _check_positive_int(self, "maxiter")
-
-    def solve(self, operator, rows):
-        return scipy_ncg(operator, rows, avextol=self.avextol, maxiter=self.maxiter)
-
+from tf_influence.solvers.lissa import LiSSA
+from tf_influence.solvers.scipy_ncg import ScipyNCG
 
 SOLVERS = {"direct": Direct, "cg": CG, "lissa": LiSSA, "scipy": ScipyNCG, "scipy_ncg": ScipyNCG,
            "ekfac": EKFAC, "kfac": KFAC, "chain": Chain}
@@ -190,7 +105,7 @@ def _operator_of(obj):
     operator = getattr(obj, "operator", None)
     if operator is not None:
         return operator
-    if hasattr(obj, "shape") and (callable(getattr(obj, "apply", None)) or hasattr(obj, "matmul")):
+    if hasattr(obj, "shape") and (callable(getattr(obj, "matmul_rows", None)) or hasattr(obj, "matmul")):
         return obj
     raise InputError(
         "Expected a tf.linalg.LinearOperator (e.g. tfi.HessianOperator) or an object with an .operator "
@@ -208,22 +123,3 @@ def _construct(cls, options):
 
 def _settings(method):
     return {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
-
-
-def _check_choice(obj, field, choices):
-    value = getattr(obj, field)
-    if value not in choices:
-        raise InputError(f"{type(obj).__name__}: {field} must be one of {choices}. Received {field}={value!r}.")
-
-
-def _check_positive_int(obj, field):
-    value = getattr(obj, field)
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise InputError(f"{type(obj).__name__}: {field} must be a positive integer. Received {field}={value!r}.")
-
-
-def _check_positive_float(obj, field):
-    value = getattr(obj, field)
-    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
-    if not ok or not np.isfinite(value) or value <= 0:
-        raise InputError(f"{type(obj).__name__}: {field} must be a positive number. Received {field}={value!r}.")

@@ -1,42 +1,44 @@
 """EKFAC and KFAC: approximate `(H + λI)⁻¹` from Kronecker-factored layer curvature.
 
-`EKFAC(...)` / `KFAC(...)` are method objects: `solve(operator, b)` fits the factors of the
-curvature (from `operator.objective`, `operator.dataset`, `operator.selected_variables`; see
-`tf_influence.curvature`), caches them for the model's current weights, and applies
+`EKFAC(...)` / `KFAC(...)` are method objects. `prepare(source)` asks the `CurvatureSource` for the
+factors of the curvature (fitted once per model weights and settings; see `tf_influence.curvature`)
+and applies
 
     x = (C + λI)⁻¹ b          C: the layer-block-diagonal KFAC / EKFAC approximation of the
-                              Fisher / Gauss-Newton matrix of the mean loss; λ = operator.damping
+                              Fisher / Gauss-Newton matrix of the mean loss; λ = the damping
                               (+ the objective's l2, whose curvature is exactly l2·I)
 
 as a few matmuls per layer. It approximates the damped Gauss-Newton solve; it is not the exact
-`(H + λI)⁻¹` of a Hessian operator. `preconditioner(operator)` gives the same inverse as a
-`tf.linalg.LinearOperator` for `cg(..., preconditioner=...)`, and `scores(...)` scores all
-training examples without per-example training gradients.
+`(H + λI)⁻¹` of a Hessian operator, and it needs no second derivatives of the model, so it never
+builds a Hessian operator (unless `residual_rows` asks for a check against one).
+`preconditioner(operator)` gives the same inverse as a `tf.linalg.LinearOperator` for
+`cg(..., preconditioner=...)`.
 
 Stop rule: none (one-shot). `info.residual` is the exact relative residual
 `max_j ‖(H + λI) x_j − b_j‖ / ‖b_j‖` of the first `residual_rows` right-hand sides against the
-operator (one operator pass; `residual_is_estimate` is True when not every row was checked).
+exact operator (one operator pass; `residual_is_estimate` is True when not every row was checked,
+and the residual is NaN when none was).
 """
 
 import dataclasses
 import time
 import typing
-import warnings
 
 import numpy as np
 import tensorflow as tf
 
-from tf_influence.curvature.factors import Factors, check_weight_sharing, fit_factors
-from tf_influence.curvature.operator import EKFACOperator
-from tf_influence.curvature.scores import ekfac_scores
-from tf_influence.curvature.storage import model_fingerprint
+from tf_influence import arguments
+from tf_influence.curvature.factors import FactorSettings, Factors
 from tf_influence.errors import InputError
-from tf_influence.solvers._common import as_rows, relative_residuals
+from tf_influence.operators.ekfac import EKFACOperator
+from tf_influence.operators.source import CurvatureSource
 from tf_influence.solvers.info import SolveInfo
+from tf_influence.solvers.method import Method, Prepared
+from tf_influence.solvers.rows import as_rows, relative_residuals
 
 
 @dataclasses.dataclass(frozen=True)
-class EKFAC:
+class EKFAC(Method):
     """Eigenvalue-corrected KFAC (George et al. 2018) as an IHVP method.
 
     Args:
@@ -47,10 +49,11 @@ class EKFAC:
       dtype: factor dtype, "float64" (default) or "float32".
       weight_sharing: "expand" (KFC, default) or "reduce": how layers applied at several positions
         (Conv2D, Dense on sequences) are factored; "reduce" can fit better when pooling follows.
-      factors: precomputed `Factors` to use instead of fitting (they must match the operator's
+      factors: precomputed `Factors` to use instead of fitting (they must match the problem's
         model and variables).
-      residual_rows: how many right-hand sides to check against the exact operator (0: none; the
-        residual is then reported as NaN with `residual_is_estimate=True`).
+      residual_rows: how many right-hand sides to check against the exact operator (default 0:
+        none, so no exact curvature product is computed; the residual is then reported as NaN with
+        `residual_is_estimate=True`).
 
     Example:
       >>> H = tfi.HessianOperator(model, loss, train, curvature="gauss_newton", damping=1e-3)
@@ -64,76 +67,86 @@ class EKFAC:
     dtype: str = "float64"
     weight_sharing: str = "expand"
     factors: Factors = None
-    residual_rows: int = 8
+    residual_rows: int = 0
     name: typing.ClassVar[str] = "ekfac"
-    _cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    exact: typing.ClassVar[bool] = False
+    factored: typing.ClassVar[bool] = True
 
     def __post_init__(self):
-        if not isinstance(self.residual_rows, (int, np.integer)) or self.residual_rows < 0:
-            raise InputError(f"residual_rows must be an integer ≥ 0. Received: {self.residual_rows!r}.")
-        check_weight_sharing(self.weight_sharing)
+        arguments.integer(self.residual_rows, "residual_rows", minimum=0, owner=type(self).__name__)
+        self.factor_settings()  # validates the settings
         if self.factors is not None and self.factors.method != self.name:
             raise InputError(
                 f"{type(self).__name__} received factors fitted with method={self.factors.method!r}; "
                 f"fit them with method={self.name!r}.")
 
-    def fit(self, operator):
-        """The factors for `operator` (fitted once per model weights, then cached)."""
-        _check_operator(operator)
-        if self.factors is not None:
-            if [id(v) for v in self.factors.variables] != [id(v) for v in operator.selected_variables]:
-                raise InputError(
-                    "The given factors were fitted for other variables than the operator's "
-                    f"({len(self.factors.variables)} vs {len(operator.selected_variables)} variables). "
-                    "Fit them with the same model and variable selection.")
-            return self.factors
-        # Keyed by the settings too: make_solver(EKFAC(...), **options) copies this dict to the new object.
-        key = (id(operator), model_fingerprint(operator.model), self.name, self.fisher, self.num_samples,
-               self.seed, self.dtype, self.weight_sharing)
-        if key not in self._cache:
-            self._cache.clear()
-            self._cache[key] = fit_factors(
-                operator.objective, operator.dataset, operator.selected_variables, method=self.name,
-                fisher=self.fisher, num_samples=self.num_samples, seed=self.seed, dtype=self.dtype,
-                weight_sharing=self.weight_sharing, strategy=getattr(operator, "strategy", None))
-        return self._cache[key]
+    def factor_settings(self):
+        """The `FactorSettings` these options fit."""
+        return FactorSettings(method=self.name, fisher=self.fisher, num_samples=self.num_samples, seed=self.seed,
+                              dtype=self.dtype, weight_sharing=self.weight_sharing)
 
-    def inverse_operator(self, operator):
-        """`EKFACOperator` for `C + λI` with λ = operator.damping + l2; `.solve` applies the inverse."""
-        factors = self.fit(operator)
-        damping = float(operator.damping) + float(operator.objective.l2)
-        _warn_regularizers(operator)
-        return EKFACOperator(factors, damping=damping, dtype=operator.dtype)
+    def inverse(self, source):
+        """The `EKFACOperator` `C + λI` (its `solve_rows` applies the approximate inverse) for `source`."""
+        if self.factors is None:
+            return source.ekfac(self.factor_settings())
+        problem = source.problem
+        if problem is not None and [id(v) for v in self.factors.variables] != [id(v) for v in problem.variables]:
+            raise InputError(
+                "The given factors were fitted for other variables than the problem's "
+                f"({len(self.factors.variables)} vs {len(problem.variables)} variables). "
+                "Fit them with the same model and variable selection.")
+        if problem is not None:
+            _check_fitted_on(self.factors, problem)
+        l2 = problem.objective.l2 if problem is not None else 0.0
+        dtype = problem.dtype if problem is not None else None
+        return EKFACOperator(self.factors, damping=source.factored_damping(self.factors) + float(l2), dtype=dtype)
+
+    def fit(self, operator):
+        """The factors for `operator`'s problem (fitted once per model weights, then cached)."""
+        return self.inverse(CurvatureSource.of(operator)).factors
 
     def preconditioner(self, operator):
         """`(C + λI)⁻¹` as a self-adjoint positive definite `tf.linalg.LinearOperator`."""
-        return self.inverse_operator(operator).inverse()
+        return self.inverse(CurvatureSource.of(operator)).inverse()
 
-    def solve(self, operator, b):
-        """`x ≈ (H + λI)⁻¹ b` for rows `b` `[k, p]` (or `[p]`); returns `(x, SolveInfo)`."""
-        start = time.perf_counter()
-        rows, single = as_rows(operator, b)
-        inverse = self.inverse_operator(operator)
-        x = tf.cast(inverse.apply_rows(rows, inverse=True), operator.dtype)
-        checked = min(self.residual_rows, int(rows.shape[0]))
-        if checked:
-            residual = float(np.max(relative_residuals(operator, x[:checked], rows[:checked])))
-        else:
+    def prepare(self, source):
+        inverse = self.inverse(source)
+        dtype = source.problem.dtype if source.problem is not None else inverse.dtype
+
+        def solve(b):
+            start = time.perf_counter()
+            rows, single = as_rows(inverse, tf.cast(b, inverse.dtype))
+            x = tf.cast(inverse.solve_rows(rows), dtype)
+            checked = min(self.residual_rows, int(rows.shape[0]))
             residual = float("nan")
-        factors = inverse.factors
-        info = SolveInfo(
-            method=self.name, iterations=0, residual=residual, converged=True,
-            seconds=time.perf_counter() - start, residual_is_estimate=checked < int(rows.shape[0]),
-            extra=dict(damping=inverse.damping, fisher=factors.settings.fisher,
-                       fit_seconds=factors.seconds, layers=[b.name for b in factors.blocks],
-                       residual_rows=checked))
-        return (x[0] if single else x), info
+            if checked:
+                exact = source.hessian()
+                residual = float(np.max(relative_residuals(exact, x[:checked], tf.cast(rows[:checked], exact.dtype))))
+            factors = inverse.factors
+            info = SolveInfo(
+                method=self.name, iterations=0, residual=residual, converged=True,
+                seconds=time.perf_counter() - start, residual_is_estimate=checked < int(rows.shape[0]),
+                extra=dict(damping=inverse.damping, fisher=factors.settings.fisher, fit_seconds=factors.seconds,
+                           layers=[block.name for block in factors.blocks], residual_rows=checked))
+            return (x[0] if single else x), info
 
-    def scores(self, operator, test_gradients, train=None, *, batch_size=None):
-        """`[k, n_train]` scores `g_testᵀ (C + λI)⁻¹ gᵢ` (train defaults to the operator's data)."""
-        inverse = self.inverse_operator(operator)
-        train = operator.dataset if train is None else train
-        return ekfac_scores(inverse, test_gradients, train, objective=operator.objective, batch_size=batch_size)
+        prepared = Prepared(self, inverse, solve)
+        prepared.inverse = inverse
+        return prepared
+
+
+def _check_fitted_on(factors, problem):
+    """Refuses given factors fitted on other weights or other training data than the problem's."""
+    stale = []
+    if factors.model_fingerprint is not None and factors.model_fingerprint != problem.fingerprint():
+        stale.append("model weights")
+    if factors.data_fingerprint is not None and factors.data_fingerprint != problem.data_fingerprint():
+        stale.append("training data")
+    if stale:
+        raise InputError(
+            f"The given factors were fitted on other {' and '.join(stale)} than this problem's: their curvature is "
+            "stale. Refit them (fit_factors, or EKFAC() without factors=), or restore the weights and data they "
+            "were fitted on.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,19 +155,3 @@ class KFAC(EKFAC):
     `λ_A ⊗ λ_S`, with the damping added exactly in the Kronecker eigenbasis. Options as `EKFAC`."""
 
     name: typing.ClassVar[str] = "kfac"
-
-
-def _check_operator(operator):
-    missing = [a for a in ("objective", "dataset", "selected_variables", "damping") if not hasattr(operator, a)]
-    if missing:
-        raise InputError(
-            "EKFAC/KFAC fit their factors from a tfi.HessianOperator (model, loss, data, variables). "
-            f"Received {type(operator).__name__}, which lacks {missing}.")
-
-
-def _warn_regularizers(operator):
-    if any(getattr(v, "regularizer", None) is not None for v in operator.model.trainable_weights):
-        warnings.warn(
-            "The model has weight regularisers (model.losses); KFAC/EKFAC leave out their curvature "
-            "(only l2= is added exactly). Use the objective's l2 option instead, or a CG/direct solve.",
-            stacklevel=3)

@@ -1,16 +1,22 @@
 """LiSSA (Agarwal et al. 2017; Koh & Liang 2017): a stochastic Neumann-series estimate of `(H + λI)⁻¹ b`."""
 
+import dataclasses
 import logging
 import math
 import time
+import typing
 
 import numpy as np
 import tensorflow as tf
 
-from tf_influence.data import num_examples
+from tf_influence import arguments
 from tf_influence.errors import DivergenceError, InputError
-from tf_influence.solvers._common import apply_rows, as_rows, compiled, operator_size, relative_residuals, row_dot
+from tf_influence.linalg.lanczos import extreme_eigenvalues
+from tf_influence.operators.minibatch import SAMPLING
+from tf_influence.operators.rows import matmul_rows, operator_size
 from tf_influence.solvers.info import SolveInfo
+from tf_influence.solvers.method import Method, Prepared
+from tf_influence.solvers.rows import as_rows, relative_residuals, row_dot
 
 _log = logging.getLogger(__name__)
 
@@ -18,14 +24,13 @@ _log = logging.getLogger(__name__)
 # multiple of that bound the recursion is declared divergent.
 _GROWTH = 100.0
 _PROGRESS_UPDATES = 10  # progress reports (compiled chunks) per sample
-_SAMPLING = ("independent", "shuffled_epochs")
 
 
 def lissa(operator, b, *, scale, batch_size, recursion_depth, num_samples=1, seed=0,
           sampling="independent", progress=True, check_residual=True):
     """Estimates `(H + λI)⁻¹ b` by the LiSSA recursion, with λ the operator's damping.
 
-    Recursion (DESIGN.md, seed 002): `s₀ = v`, `sⱼ = v + (1 − d) sⱼ₋₁ − H̃ⱼ sⱼ₋₁ / scale` with
+    Recursion (docs/mathematics.md, "LiSSA"): `s₀ = v`, `sⱼ = v + (1 − d) sⱼ₋₁ − H̃ⱼ sⱼ₋₁ / scale` with
     `d = λ / scale` and `H̃ⱼ` the curvature of a fresh minibatch (undamped); the estimate is
     `s_J / scale`, averaged over `num_samples` independent runs. Its fixed point solves
     `(H + λI) x = v` — the same system as every other method. It converges only when every
@@ -37,7 +42,7 @@ def lissa(operator, b, *, scale, batch_size, recursion_depth, num_samples=1, see
     recursion never exceeds `(j + 1)·‖v‖`).
 
     Args:
-      operator: a `HessianOperator` (its `.dataset` and `.batch_apply` supply minibatches and its
+      operator: a `HessianOperator` (its `minibatches(...)` supply the minibatch products and its
         `damping` is λ). With `batch_size=None` any square `LinearOperator` works: `H̃ⱼ = H`.
       b: right-hand sides `[p]` or `[k, p]`.
       scale: a number above `λ_max(H + λI)/2` (e.g. `tfi.extreme_eigenvalues(operator).largest`),
@@ -77,23 +82,20 @@ def lissa(operator, b, *, scale, batch_size, recursion_depth, num_samples=1, see
       >>> info.residual
     """
     start = time.perf_counter()
-    p = operator_size(operator)
+    operator_size(operator)
     rows, single = as_rows(operator, b)
-    recursion_depth = _positive_int(recursion_depth, "recursion_depth")
-    num_samples = _positive_int(num_samples, "num_samples")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-        raise InputError(f"seed must be an integer. Received: seed={seed!r}.")
+    recursion_depth = arguments.positive_int(recursion_depth, "recursion_depth")
+    num_samples = arguments.positive_int(num_samples, "num_samples")
+    seed = arguments.integer(seed, "seed")
+    arguments.one_of(sampling, "sampling", SAMPLING)
     damping = float(getattr(operator, "damping", 0.0) or 0.0)
-
-    if sampling not in _SAMPLING:
-        raise InputError(f"sampling must be one of {_SAMPLING}. Received: sampling={sampling!r}.")
-    n = None
+    minibatches = None
     if batch_size is not None:
-        batch_size = _positive_int(batch_size, "batch_size")
-        if getattr(operator, "dataset", None) is None or not hasattr(operator, "batch_apply"):
+        batch_size = arguments.positive_int(batch_size, "batch_size")
+        if not callable(getattr(operator, "minibatches", None)):
             raise InputError(
                 f"lissa with batch_size={batch_size} needs minibatch curvature products, which "
-                f"{type(operator).__name__} does not provide (no .dataset/.batch_apply). Pass a "
+                f"{type(operator).__name__} does not provide (no .minibatches). Pass a "
                 "tfi.HessianOperator, or batch_size=None to use exact products of this operator."
             )
         if not getattr(operator, "has_batch_products", True):
@@ -101,15 +103,13 @@ def lissa(operator, b, *, scale, batch_size, recursion_depth, num_samples=1, see
                 "lissa minibatches need per-batch curvature products, which mode='finite_difference' does "
                 "not have. Use operator.with_options(mode='forward_over_back'), or batch_size=None."
             )
-        n = num_examples(operator.dataset)
-        batch_size = min(batch_size, n)
+        minibatches = operator.minibatches(batch_size=batch_size, sampling=sampling, seed=seed)
+        batch_size = minibatches.batch_size
 
     estimate_text = ""
     if isinstance(scale, str):
         if scale != "auto":
             raise InputError(f"scale must be a positive number or 'auto'. Received: scale={scale!r}.")
-        from tf_influence.spectrum import extreme_eigenvalues  # deferred: only for scale="auto"
-
         spectrum = extreme_eigenvalues(operator, num_iterations=20, seed=seed)
         if not spectrum.largest > 0:
             raise InputError(
@@ -118,35 +118,25 @@ def lissa(operator, b, *, scale, batch_size, recursion_depth, num_samples=1, see
             )
         scale = 1.1 * spectrum.largest
         estimate_text = f" (scale='auto' chose {scale:.4g} from {spectrum})"
-    scale = float(scale)
-    if not np.isfinite(scale) or scale <= 0:
-        raise InputError(f"scale must be a finite positive number. Received: scale={scale}.")
+    scale = arguments.positive_float(scale, "scale")
     d = damping / scale
 
     dtype = rows.dtype
     v = rows
     v_norm = tf.norm(v, axis=-1)
-    if batch_size is None:
-        source, data = "operator", None
-    elif batch_size >= n:
-        source, data = "all", _all_examples(operator.dataset, n)
-    elif sampling == "independent":
-        source, data = "independent", _all_examples(operator.dataset, n)
-    else:
-        source, data = "epochs", iter(_shuffled_epochs(operator.dataset, n, batch_size, seed))
-    run = compiled([operator], ("lissa", source, batch_size), lambda op_ref: _build_run(op_ref, source, batch_size))
+    run = _build_run(operator, minibatches)
     chunk = max(1, math.ceil(recursion_depth / _PROGRESS_UPDATES))
     bar = _progress_bar(num_samples * recursion_depth) if progress else None
     total = tf.zeros_like(v)
-    constants = (v, v_norm, tf.constant(scale, dtype), tf.constant(d, dtype), tf.constant(_GROWTH, dtype),
-                 tf.constant(int(seed), tf.int64))
+    constants = (v, v_norm, tf.constant(scale, dtype), tf.constant(d, dtype), tf.constant(_GROWTH, dtype))
+    n = None if minibatches is None else minibatches.num_examples
     for sample in range(num_samples):
         s = v
         done = 0
         while done < recursion_depth:
             steps = min(chunk, recursion_depth - done)
             counter = tf.constant(sample * recursion_depth + done, tf.int64)
-            s, ran, flag, norms = run(data, s, *constants, tf.constant(done), tf.constant(steps), counter)
+            s, ran, flag, norms = run(s, *constants, tf.constant(done), tf.constant(steps), counter)
             done += int(ran)
             if bool(flag):
                 _raise_divergence(operator, s, norms.numpy(), v_norm.numpy(), done + 1, recursion_depth,
@@ -162,6 +152,7 @@ def lissa(operator, b, *, scale, batch_size, recursion_depth, num_samples=1, see
         residual = float(residuals.max())
     else:
         residuals, residual = np.full([int(rows.shape[0])], np.nan), float("nan")
+    source = "operator" if minibatches is None else minibatches.source
     info = SolveInfo(
         method="lissa",
         iterations=num_samples * recursion_depth,
@@ -169,8 +160,8 @@ def lissa(operator, b, *, scale, batch_size, recursion_depth, num_samples=1, see
         converged=True,
         seconds=time.perf_counter() - start,
         residual_is_estimate=not check_residual,
-        extra=dict(scale=scale, d=d, damping=damping, batch_size=batch_size, num_examples=n, source=source, sampling=sampling,
-                   recursion_depth=recursion_depth, num_samples=num_samples, seed=int(seed),
+        extra=dict(scale=scale, d=d, damping=damping, batch_size=batch_size, num_examples=n, source=source,
+                   sampling=sampling, recursion_depth=recursion_depth, num_samples=num_samples, seed=int(seed),
                    residuals=residuals.tolist(), final_norms=norms.numpy().tolist()),
     )
     _log.info("lissa: %d steps x %d samples, relative residual %.3g%s", recursion_depth, num_samples,
@@ -179,33 +170,18 @@ def lissa(operator, b, *, scale, batch_size, recursion_depth, num_samples=1, see
     return (x[0] if single else x), info
 
 
-def _build_run(op_ref, source, batch_size):
+def _build_run(operator, minibatches):
     """`steps` recursion steps as one compiled `tf.while_loop`; stops early on divergence.
 
-    `source` says where `H̃ⱼ` comes from: "operator" (exact products, `data` unused), "all" (`data`
-    holds every example: one exact batch), "independent" (`batch_size` distinct examples of
-    `data`, a fresh permutation seeded by (seed, step counter) each step), "epochs" (`data` is an iterator).
+    `H̃ⱼ` comes from `minibatches.matmul_rows(s, step)` (step = counter + j, so every step of every
+    sample draws its own minibatch), or from exact products of `operator` when `minibatches` is None.
     """
 
-    def run(data, s, v, v_norm, scale, d, growth, seed, done, steps, counter):
-        operator = op_ref()
-
-        def curvature(j, s):
-            if source == "all":
-                return operator.batch_apply(data, s)
-            if source == "epochs":
-                return operator.batch_apply(data.get_next(), s)
-            # A uniformly random subset of distinct examples, fresh each step: the positions of
-            # the batch_size largest of n seeded uniforms (O(n) per step).
-            n = tf.shape(data[2])[0]
-            key = tf.stack([seed, counter + tf.cast(j, tf.int64)])
-            index = tf.math.top_k(tf.random.stateless_uniform([n], key), k=batch_size, sorted=False).indices
-            return operator.batch_apply(tf.nest.map_structure(lambda t: tf.gather(t, index), data), s)
-
+    def run(s, v, v_norm, scale, d, growth, done, steps, counter):
         def step(j, s):
-            if source == "operator":
-                return v + s - apply_rows(operator, s) / scale  # A = H + λI, so (1 − d)s − Hs/scale
-            return v + (1 - d) * s - curvature(j, s) / scale
+            if minibatches is None:
+                return v + s - matmul_rows(operator, s) / scale  # A = H + λI, so (1 − d)s − Hs/scale
+            return v + (1 - d) * s - minibatches.matmul_rows(s, counter + tf.cast(j, tf.int64)) / scale
 
         def cond(j, s, flag, norms):
             return (j < steps) & ~flag
@@ -225,18 +201,6 @@ def _build_run(op_ref, source, batch_size):
 
     # Plain Python control flow on static settings plus an explicit while_loop: no AutoGraph.
     return tf.function(run, reduce_retracing=False, autograph=False)
-
-
-def _all_examples(dataset, n):
-    """Every `(x, y, w)` example of the data set as one batch of tensors."""
-    return dataset.unbatch().batch(n).get_single_element()
-
-
-def _shuffled_epochs(dataset, n, batch_size, seed):
-    """Seeded reshuffle of the examples, epoch after epoch, cut into batches of `batch_size`."""
-    examples = dataset.unbatch()
-    return (examples.shuffle(n, seed=int(seed), reshuffle_each_iteration=True).repeat()
-            .batch(batch_size, drop_remainder=True).prefetch(2))
 
 
 def _raise_divergence(operator, s, norms, v_norm, step, depth, sample, num_samples, scale, batch_size, n,
@@ -268,7 +232,7 @@ def _rayleigh_quotient(operator, s):
         norm2 = float(row_dot(s, s)[0])
         if not np.isfinite(norm2) or norm2 == 0:
             return None
-        value = float(row_dot(s, apply_rows(operator, s))[0]) / norm2
+        value = float(row_dot(s, matmul_rows(operator, s))[0]) / norm2
         return value if np.isfinite(value) else None
     except Exception:  # noqa: BLE001 - a diagnosis only; the DivergenceError is what matters
         _log.debug("lissa: could not evaluate the Rayleigh quotient", exc_info=True)
@@ -281,7 +245,38 @@ def _progress_bar(total):
     return keras.utils.Progbar(total, unit_name="step")
 
 
-def _positive_int(value, name):
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise InputError(f"{name} must be a positive integer. Received: {name}={value!r}.")
-    return int(value)
+@dataclasses.dataclass(frozen=True)
+class LiSSA(Method):
+    """Stochastic Neumann series (`solvers.lissa`); `scale="auto"` estimates λ_max by Lanczos.
+
+    Example:
+      >>> x, info = LiSSA(scale=10.0, batch_size=64, recursion_depth=500).solve(H, g_rows)
+    """
+
+    scale: typing.Union[float, str] = "auto"
+    batch_size: typing.Optional[int] = 256
+    recursion_depth: int = 1000
+    num_samples: int = 1
+    seed: int = 0
+    sampling: str = "independent"
+    progress: typing.Optional[bool] = None  # None: True, or the Influence's `progress` when used by one
+    check_residual: bool = True
+    name: typing.ClassVar[str] = "lissa"
+    exact: typing.ClassVar[bool] = False
+
+    def __post_init__(self):
+        if self.scale != "auto":
+            arguments.positive_float(self.scale, "scale", owner="LiSSA")
+        if self.batch_size is not None:
+            arguments.positive_int(self.batch_size, "batch_size", owner="LiSSA")
+        arguments.positive_int(self.recursion_depth, "recursion_depth", owner="LiSSA")
+        arguments.positive_int(self.num_samples, "num_samples", owner="LiSSA")
+        arguments.one_of(self.sampling, "sampling", SAMPLING, owner="LiSSA")
+
+    def prepare(self, source):
+        operator = source.hessian()
+        return Prepared(self, operator, lambda rows: lissa(
+            operator, rows, scale=self.scale, batch_size=self.batch_size, recursion_depth=self.recursion_depth,
+            num_samples=self.num_samples, seed=self.seed, sampling=self.sampling,
+            progress=True if self.progress is None else bool(self.progress),
+            check_residual=self.check_residual))

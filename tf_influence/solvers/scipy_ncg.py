@@ -1,16 +1,21 @@
 """`scipy.optimize.fmin_ncg` on the quadratic `½xᵀAx − bᵀx`, as Koh & Liang's influence code did."""
 
+import dataclasses
 import logging
 import time
+import typing
 import warnings
 
 import numpy as np
 import scipy.optimize
 import tensorflow as tf
 
+from tf_influence import arguments
 from tf_influence.errors import InputError
-from tf_influence.solvers._common import apply_rows, as_rows, operator_size, relative_residuals
+from tf_influence.operators.rows import matmul_rows, operator_size
 from tf_influence.solvers.info import SolveInfo
+from tf_influence.solvers.method import Method, Prepared
+from tf_influence.solvers.rows import as_rows, relative_residuals
 
 _log = logging.getLogger(__name__)
 
@@ -47,11 +52,8 @@ def scipy_ncg(operator, b, *, x0=None, avextol=1e-8, maxiter=100):
     start = time.perf_counter()
     operator_size(operator)
     rows, single = as_rows(operator, b)
-    avextol = float(avextol)
-    if not np.isfinite(avextol) or avextol <= 0:
-        raise InputError(f"avextol must be a positive number. Received: avextol={avextol}.")
-    if not isinstance(maxiter, (int, np.integer)) or isinstance(maxiter, bool) or maxiter < 1:
-        raise InputError(f"maxiter must be a positive integer. Received: maxiter={maxiter!r}.")
+    avextol = arguments.positive_float(avextol, "avextol")
+    maxiter = arguments.positive_int(maxiter, "maxiter")
     starts = rows if x0 is None else as_rows(operator, x0, name="x0")[0]
     if starts.shape != rows.shape:
         raise InputError(f"x0 must be shaped like b {tuple(np.shape(b))}. Received {tuple(np.shape(x0))}.")
@@ -102,7 +104,7 @@ class _Quadratic:
     def _times(self, v):
         self.products += 1
         row = tf.constant(v[np.newaxis], dtype=self.dtype)
-        return apply_rows(self.operator, row)[0].numpy().astype(np.float64)
+        return matmul_rows(self.operator, row)[0].numpy().astype(np.float64)
 
     def _ax(self, x):
         if self._last[0] is None or not np.array_equal(self._last[0], x):
@@ -120,3 +122,25 @@ class _Quadratic:
 
     def count_iteration(self, x):
         self.iterations += 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ScipyNCG(Method):
+    """`scipy.optimize.fmin_ncg` per right-hand side (`solvers.scipy_ncg`), for parity with Koh & Liang.
+
+    Example:
+      >>> x, info = ScipyNCG(avextol=1e-8).solve(H, g_rows)
+    """
+
+    avextol: float = 1e-8
+    maxiter: int = 100
+    name: typing.ClassVar[str] = "scipy"
+
+    def __post_init__(self):
+        arguments.positive_float(self.avextol, "avextol", owner="ScipyNCG")
+        arguments.positive_int(self.maxiter, "maxiter", owner="ScipyNCG")
+
+    def prepare(self, source):
+        operator = source.hessian()
+        return Prepared(self, operator, lambda rows: scipy_ncg(operator, rows, avextol=self.avextol,
+                                                               maxiter=self.maxiter))

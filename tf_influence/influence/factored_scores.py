@@ -36,7 +36,7 @@ def ekfac_scores(operator, test_gradients, train, *, objective=None, batch_size=
       `np.ndarray` `[k, n_train]` (float64). Positive: the training example helped the test loss.
 
     Example:
-      >>> op = EKFACOperator(fit_factors(objective, train), damping=1e-3)
+      >>> op = EKFACOperator(fit_factors(problem), damping=1e-3)
       >>> scores = ekfac_scores(op, g_test, train)          # [n_test, n_train]
     """
     factors = operator.factors
@@ -52,7 +52,7 @@ def ekfac_scores(operator, test_gradients, train, *, objective=None, batch_size=
         raise InputError(
             f"test_gradients must have shape [k, {factors.space.size}] (flat gradients of the selected "
             f"variables). Received shape {tuple(rows.shape)}.")
-    directions = operator.layer_matrices(operator.apply_rows(rows, inverse=True))
+    directions = operator.layer_solve(rows)
     dataset = as_dataset(train, batch_size=batch_size, name="train")
     rows_fn = tf.function(
         lambda x, y: layer_rows(objective, factors.blocks, x, y, fisher="empirical",

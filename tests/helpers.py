@@ -1,6 +1,8 @@
-"""Small float64 problems for the solver tests, with independent dense references.
+"""Shared test references: one relative error, one dense-Hessian reference, and small float64 problems.
 
-Models are built with float64 layers (no global floatx change), so problems can be module-scoped.
+`dense_hessian` is independent of the library (nested GradientTape jacobians of the weighted mean
+objective over all data at once); `softmax_regression` has a closed-form Hessian; `mlp` has an
+indefinite Hessian made positive definite by a known damping.
 """
 
 import dataclasses
@@ -11,17 +13,55 @@ import numpy as np
 import tensorflow as tf
 
 import tf_influence as tfi
-from tests.conftest import dense_hessian
 
 sce = functools.partial(keras.losses.sparse_categorical_crossentropy, from_logits=True)
 
-N = 200  # training examples
+N = 200  # training examples of the solver problems
 D = 6  # features
 CLASSES = 3
 
 
+def relative_error(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def dense_hessian(model, loss_fn, x, y, w=None, *, variables=None, l2=0.0, gauss_newton=False):
+    """Reference Hessian of the mean objective by nested GradientTape jacobians (all data at once).
+
+    Independent of the library: weighted mean of per-example losses + model.losses + (l2/2)||θ||².
+    """
+    variables = list(variables if variables is not None else model.trainable_variables)
+    tf_vars = [v if isinstance(v, tf.Variable) else v.value for v in variables]
+    n = len(tf.nest.flatten(y)[0])
+    w = tf.ones([n], tf.float64) if w is None else tf.constant(w, tf.float64)
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            losses = tf.cast(loss_fn(y, model(x, training=False)), tf.float64)
+            objective = tf.reduce_sum(w * losses) / tf.reduce_sum(w)
+            objective += tf.add_n([tf.cast(l, tf.float64) for l in model.losses] or [tf.constant(0.0, tf.float64)])
+            objective += 0.5 * l2 * tf.add_n([tf.reduce_sum(tf.cast(v, tf.float64) ** 2) for v in tf_vars])
+        grads = inner.gradient(objective, tf_vars, unconnected_gradients="zero")
+        flat = tf.concat([tf.reshape(tf.convert_to_tensor(g), [-1]) for g in grads], 0)
+    blocks = outer.jacobian(flat, tf_vars, unconnected_gradients="zero", experimental_use_pfor=False)
+    return tf.concat([tf.reshape(b, [flat.shape[0], -1]) for b in blocks], 1).numpy()
+
+
+def per_example_gradients(objective, variables, x, y):
+    """`[n, p]` loss gradients of each example, by one tape jacobian (independent of the library's)."""
+    space = tfi.ParameterSpace(variables)
+    with tf.GradientTape() as tape:
+        losses = objective.per_example_loss(y, objective.outputs(x))
+    jacobian = tape.jacobian(losses, [v.value if hasattr(v, "value") else v for v in variables])
+    return space.flatten(jacobian, batch_dims=1).numpy()
+
+
+def dense_operator(matrix, **hints):
+    return tf.linalg.LinearOperatorFullMatrix(tf.constant(matrix, tf.float64), **hints)
+
+
 @dataclasses.dataclass
-class Problem:
+class SolverProblem:
     name: str
     model: keras.Model
     x: np.ndarray
@@ -54,7 +94,7 @@ def softmax_regression(seed=0):
     operator = tfi.HessianOperator(model, sce, (x, y), l2=l2, batch_size=64, mode="back_over_back")
     dense = softmax_regression_hessian(model, x, l2)
     b = np.random.default_rng(seed + 2).standard_normal((3, operator.space.size))
-    return Problem("softmax_regression", model, x, y, operator, dense, b, l2)
+    return SolverProblem("softmax_regression", model, x, y, operator, dense, b, l2)
 
 
 def softmax_regression_hessian(model, x, l2):
@@ -84,16 +124,7 @@ def mlp(seed=0, margin=0.05):
     damping = -smallest + margin
     operator = undamped.with_options(damping=damping)
     b = np.random.default_rng(seed + 2).standard_normal((3, operator.space.size))
-    problem = Problem("mlp", model, x, y, operator, h + damping * np.eye(len(h)), b)
+    problem = SolverProblem("mlp", model, x, y, operator, h + damping * np.eye(len(h)), b)
     problem.undamped = undamped
     problem.undamped_dense = h
     return problem
-
-
-def relative_error(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
-
-
-def dense_operator(matrix, **hints):
-    return tf.linalg.LinearOperatorFullMatrix(tf.constant(matrix, tf.float64), **hints)

@@ -31,9 +31,12 @@ but `self_influence` of new points is not available (the signature is left out).
 `store="auto"` picks "factors" for EKFAC/KFAC, else "inverse" up to `max_parameters`, and
 otherwise refuses with these options. The n·p training-gradient term is in every form.
 
-A string variable `settings` (JSON: method, store, damping, l2, curvature, variables, n_train,
-parameters, input specs) records what the scores mean. The SavedModel needs only TensorFlow to
-load (`tf.saved_model.load`, `saved_model_cli`, TF Serving); tf_influence is not imported.
+A string variable `settings` (JSON: method, store, damping and how it was chosen, l2, curvature,
+variables, n_train, parameters, input specs, fingerprints of the weights and the training data)
+records what the scores mean; the same JSON is written beside the SavedModel as
+`tf_influence_export.json`, which marks the directory as an export that `overwrite=True` may
+replace. The SavedModel needs only TensorFlow to load (`tf.saved_model.load`, `saved_model_cli`,
+TF Serving); tf_influence is not imported.
 
 Serving-time validation: the input signature fixes the feature shape and the dtypes (a wrong
 width or label dtype is refused before anything runs); assertions refuse x/y batch mismatches,
@@ -42,19 +45,16 @@ non-finite features, integer labels outside `[0, classes)` and `k` outside `[1, 
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import tensorflow as tf
 
-from tf_influence import scoring
-from tf_influence.errors import InputError, ResourceError
+from tf_influence.errors import InputError
+from tf_influence.export.stores import DEFAULT_MAX_PARAMETERS, choose_store, flat_arrays, precondition, stored_arrays
+from tf_influence.files import atomic_write_dir, check_target
+from tf_influence.influence import gradients as _gradients
 
-DEFAULT_MAX_PARAMETERS = 8192
-STORES = ("auto", "inverse", "factors", "preconditioned")
-_FACTOR_METHODS = ("ekfac", "kfac")
-_CHUNK = 256
+MARKER = "tf_influence_export.json"  # the export's settings, beside the SavedModel: marks it as ours
 
 
 def export_saved_model(influence, path, *, overwrite=False, store="auto", max_parameters=DEFAULT_MAX_PARAMETERS):
@@ -62,9 +62,11 @@ def export_saved_model(influence, path, *, overwrite=False, store="auto", max_pa
 
     Args:
       influence: a `tfi.Influence` (one input tensor, one label tensor).
-      path: target directory. Written atomically: into a temporary directory beside it, then
-        renamed, so an interrupted export never leaves a half-written model at `path`.
-      overwrite: replace an existing `path` (otherwise an existing path is an `InputError`).
+      path: target directory (missing parent folders are created). Checked before anything is
+        computed, then written atomically: into a temporary directory beside it, then renamed,
+        so an interrupted export never leaves a half-written model at `path`.
+      overwrite: replace an existing `path` that is a previous export of tf_influence (anything
+        else that exists, a file or another directory, is never replaced: `InputError`).
       store: "auto", "inverse", "factors" or "preconditioned"; what each stores and costs is in
         the module docstring.
       max_parameters: the largest p for which the dense `[p, p]` inverse is stored
@@ -82,94 +84,48 @@ def export_saved_model(influence, path, *, overwrite=False, store="auto", max_pa
       >>> scorer = tf.saved_model.load("influence_model")
       >>> scorer.signatures["influence"](x=x_test, y=y_test)["scores"]   # [n_test, n_train]
     """
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise InputError(f"{path!r} already exists. Pass overwrite=True to replace it.")
-    store = _choose_store(influence, store, max_parameters)
+    path = check_target(path, "export path", directory=True, replaceable=is_influence_export, overwrite=overwrite,
+                        create_folder=True)
+    store = choose_store(influence, store, max_parameters)
     x_spec, y_spec = _input_specs(influence)
-    arrays = _stored_arrays(influence, store)
+    arrays = stored_arrays(influence, store)
     module = _InfluenceModule(influence, store, arrays, x_spec, y_spec)
     signatures = {"influence": module.influence, "top_k": module.top_k, "serving_default": module.predict}
     if store != "preconditioned":
         signatures["self_influence"] = module.self_influence
-    _write_atomically(module, path, signatures)
+
+    def write(staging):
+        tf.saved_model.save(module, staging, signatures=signatures)
+        with open(os.path.join(staging, MARKER), "w") as f:
+            f.write(module.settings.numpy().decode())
+
+    atomic_write_dir(path, write, overwrite=overwrite)
     size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
     return {"path": path, "bytes": size, "store": store, "signatures": sorted(signatures),
             "parameters": influence.space.size, "n_train": module.n_train_value,
-            "arrays": {name: list(np.shape(a)) for name, a in _flat_arrays(arrays).items()}}
+            "arrays": {name: list(np.shape(a)) for name, a in flat_arrays(arrays).items()}}
 
 
-def _choose_store(influence, store, max_parameters):
-    if store not in STORES:
-        raise InputError(f"store must be one of {STORES}. Received: store={store!r}.")
-    method, p = influence.method, influence.space.size
-    if store == "factors" and method not in _FACTOR_METHODS:
-        raise InputError(
-            f"store='factors' stores EKFAC/KFAC factors; this Influence uses method={method!r}. "
-            "Use method='ekfac' or 'kfac', or store='inverse' / 'preconditioned'.")
-    if store == "auto":
-        if method in _FACTOR_METHODS:
-            return "factors"
-        store = "inverse"
-    if store == "inverse" and p > max_parameters:
-        mib = p * p * influence.space.dtype.size / 2**20
-        raise ResourceError(
-            f"store='inverse' keeps a dense {p}x{p} inverse ({mib:.0f} MiB); the limit is "
-            f"max_parameters={max_parameters}. Select fewer variables (e.g. variables='head'), use "
-            "store='preconditioned' (n_train x p, no self_influence signature), method='ekfac' "
-            "(store='factors'), or raise max_parameters.")
-    return store
+def is_influence_export(path):
+    """True when the directory `path` is a SavedModel written by `export_saved_model` (which `overwrite` may replace).
 
+    Recognised by the settings file it writes beside the SavedModel, or (exports from earlier
+    versions) by its `influence` and `top_k` signatures.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+        return False
+    if os.path.isfile(os.path.join(path, MARKER)):
+        return True
+    from tensorflow.core.protobuf import saved_model_pb2
 
-def _stored_arrays(influence, store):
-    """The matrices the signatures multiply by (numpy / tf tensors), by store."""
-    gradients = np.concatenate([influence._gradients(batch).numpy()  # noqa: SLF001 - [batch, p]
-                                for batch in iter(influence.operator.dataset)])
-    if store == "preconditioned":
-        return {"preconditioned": _solve_rows(influence, gradients)}
-    if store == "inverse":
-        inverse = _solve_rows(influence, np.eye(influence.space.size, dtype=gradients.dtype))
-        # The exact inverse is symmetric; iterative solves are so to their tolerance.
-        return {"inverse": 0.5 * (inverse + inverse.T), "train_gradients": gradients}
-    return {"factors": _factor_arrays(influence), "train_gradients": gradients}
-
-
-def _solve_rows(influence, rows):
-    return np.concatenate([influence.inverse_hvp(tf.constant(rows[i:i + _CHUNK])).numpy()
-                           for i in range(0, len(rows), _CHUNK)])
-
-
-def _factor_arrays(influence):
-    """Per layer: `q_a` (or None), `q_s`, `scale = 1/(Λ + λ)`, and how its variables sit in the flat vector."""
-    operator = influence.solver.inverse_operator(influence.operator)
-    factors = operator.factors
-    if factors.space.sizes != influence.space.sizes or (
-            [id(v) for v in factors.variables] != [id(v) for v in influence.operator.selected_variables]):
-        raise InputError("The EKFAC factors were fitted for other variables than the Influence's; refit them.")
-    index = {id(v): i for i, v in enumerate(factors.variables)}
-    layers = []
-    for block, layer, values, damping in zip(factors.blocks, factors.layers, operator.eigenvalues,
-                                             operator.dampings):
-        layers.append({
-            "q_a": None if layer.q_a is None else layer.q_a.numpy(),
-            "q_s": layer.q_s.numpy(),
-            "scale": (1.0 / (values + damping)).numpy(),
-            "kernel": None if block.kernel is None else index[id(block.kernel)],
-            "bias": None if block.bias is None else index[id(block.bias)],
-            "in_features": block.in_features,
-            "out_features": block.out_features,
-        })
-    covered = {i for layer in layers for i in (layer["kernel"], layer["bias"]) if i is not None}
-    if covered != set(range(len(factors.variables))):
-        raise InputError("The EKFAC factors do not cover every selected variable; use store='inverse'.")
-    return layers
-
-
-def _flat_arrays(arrays):
-    flat = {k: v for k, v in arrays.items() if k != "factors"}
-    for i, layer in enumerate(arrays.get("factors", [])):
-        flat.update({f"layer{i}_{k}": layer[k] for k in ("q_a", "q_s", "scale") if layer[k] is not None})
-    return flat
+    proto = saved_model_pb2.SavedModel()
+    try:
+        with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+            proto.ParseFromString(f.read())
+    except Exception:  # noqa: BLE001 - not a readable SavedModel: not ours
+        return False
+    return any({"influence", "top_k"} <= set(graph.signature_def) for graph in proto.meta_graphs)
 
 
 class _InfluenceModule(tf.Module):
@@ -180,14 +136,14 @@ class _InfluenceModule(tf.Module):
         # Keras 3 variables are saved through this list (as keras.export does); holding the model
         # alone leaves them out of the object graph that TF1-style loaders (saved_model_cli run) read.
         self.model_variables = [getattr(v, "value", v) for v in influence.model.variables]
-        self.stored = {name: tf.Variable(a, trainable=False, name=name) for name, a in _flat_arrays(arrays).items()}
+        self.stored = {name: tf.Variable(a, trainable=False, name=name) for name, a in flat_arrays(arrays).items()}
         self.n_train_value = int(next(iter(v for k, v in self.stored.items() if k in
                                            ("train_gradients", "preconditioned"))).shape[0])
         self.n_train = tf.Variable(self.n_train_value, trainable=False, dtype=tf.int32, name="n_train")
         self.settings = tf.Variable(json.dumps(_settings(influence, store, x_spec, y_spec, self.n_train_value)),
                                     trainable=False, name="settings")
         objective, space, dtype = influence.objective, influence.space, influence.space.dtype
-        tf_vars = influence._tf_vars  # noqa: SLF001 - the selected variables as tf.Variables
+        tf_vars = influence.problem.tf_variables
         classes = _label_classes(influence, y_spec)
         layers = arrays.get("factors")
 
@@ -208,18 +164,16 @@ class _InfluenceModule(tf.Module):
             with tf.control_dependencies(checks):
                 x, y = validated_x(x), tf.identity(y)
             weights = tf.ones(tf.shape(y)[:1], dtype)
-            return tf.cast(scoring.per_example_gradients(objective, tf_vars, space, (x, y, weights)), dtype)
+            return tf.cast(_gradients.per_example_gradients(objective, tf_vars, space, (x, y, weights)), dtype)
 
-        def precondition(g):
-            if store == "inverse":
-                return tf.matmul(g, self.stored["inverse"])
-            return tf.cast(_apply_factors(self.stored, layers, space.sizes, g), dtype)
+        def preconditioned(g):
+            return precondition(self.stored, store, layers, space.sizes, g, dtype)
 
         def scores(x, y):
             g = gradients(x, y)
             if store == "preconditioned":
                 return tf.matmul(g, self.stored["preconditioned"], transpose_b=True)
-            return tf.matmul(precondition(g), self.stored["train_gradients"], transpose_b=True)
+            return tf.matmul(preconditioned(g), self.stored["train_gradients"], transpose_b=True)
 
         def influence_fn(x, y):
             return {"scores": scores(x, y), "predictions": objective.outputs(validated_x(x))}
@@ -235,7 +189,7 @@ class _InfluenceModule(tf.Module):
 
         def self_influence_fn(x, y):
             g = gradients(x, y)
-            return {"scores": tf.reduce_sum(precondition(g) * g, axis=1)}
+            return {"scores": tf.reduce_sum(preconditioned(g) * g, axis=1)}
 
         def predict_fn(x):
             return {"predictions": objective.outputs(validated_x(x))}
@@ -261,33 +215,8 @@ def _assert_shape(tensor, spec):
     return tf.debugging.Assert(ok, [f"{spec.name} must have shape [{text}]; received shape", shape])
 
 
-def _apply_factors(stored, layers, sizes, g):
-    """`(C + λI)⁻¹` on rows `g` `[k, p]` from the stored factors (as `EKFACOperator.apply_rows`)."""
-    compute = stored["layer0_q_s"].dtype
-    parts = tf.split(tf.cast(g, compute), sizes, axis=-1)
-    out = [None] * len(sizes)
-    k = tf.shape(g)[0]
-    for i, layer in enumerate(layers):
-        pieces = []
-        if layer["kernel"] is not None:
-            pieces.append(tf.reshape(parts[layer["kernel"]], [k, layer["in_features"], layer["out_features"]]))
-        if layer["bias"] is not None:
-            pieces.append(tf.reshape(parts[layer["bias"]], [k, 1, layer["out_features"]]))
-        m = tf.concat(pieces, axis=1)
-        q_a, q_s = stored.get(f"layer{i}_q_a"), stored[f"layer{i}_q_s"]
-        projected = m if q_a is None else tf.einsum("ka,nkl->nal", q_a, m)
-        projected = tf.einsum("nal,lb->nab", projected, q_s) * stored[f"layer{i}_scale"]
-        back = tf.einsum("nab,lb->nal", projected, q_s)
-        back = back if q_a is None else tf.einsum("ka,nal->nkl", q_a, back)
-        if layer["kernel"] is not None:
-            out[layer["kernel"]] = tf.reshape(back[:, :layer["in_features"]], [k, -1])
-        if layer["bias"] is not None:
-            out[layer["bias"]] = back[:, -1]
-    return tf.concat(out, axis=-1)
-
-
 def _input_specs(influence):
-    x, y, _ = next(iter(influence.operator.dataset))
+    x, y, _ = next(iter(influence.problem.dataset))
     if isinstance(x, (tuple, list, dict)) or isinstance(y, (tuple, list, dict)):
         raise InputError(
             "export_saved_model supports models with one input tensor and one label tensor. Received "
@@ -298,7 +227,7 @@ def _input_specs(influence):
 
 def _label_classes(influence, y_spec):
     """The class count when `y` holds integer class ids (sparse labels), else None."""
-    x, _, _ = next(iter(influence.operator.dataset))
+    x, _, _ = next(iter(influence.problem.dataset))
     outputs = influence.objective.outputs(x[:1])
     if not y_spec.dtype.is_integer or not isinstance(outputs, tf.Tensor) or outputs.shape.rank is None:
         return None
@@ -309,37 +238,17 @@ def _label_classes(influence, y_spec):
 
 
 def _settings(influence, store, x_spec, y_spec, n_train):
-    op = influence.operator
+    damping = influence.damping
+    choice = influence.damping_choice
     return {
         "method": influence.method, "store": store,
-        "damping": op.damping if isinstance(op.damping, str) else float(op.damping),
-        "l2": float(influence.objective.l2), "curvature": getattr(op, "curvature", None),
-        "variables": [v.path if hasattr(v, "path") else v.name for v in op.selected_variables],
+        "damping": damping if isinstance(damping, str) else float(damping),
+        "damping_source": choice.source, "damping_reason": choice.reason,
+        "model_fingerprint": influence.problem.fingerprint(), "data_fingerprint": influence.problem.data_fingerprint(),
+        "l2": float(influence.objective.l2), "curvature": influence.source.curvature,
+        "variables": [v.path if hasattr(v, "path") else v.name for v in influence.problem.variables],
         "parameters": influence.space.size, "n_train": n_train,
         "x": {"shape": x_spec.shape.as_list(), "dtype": x_spec.dtype.name},
         "y": {"shape": y_spec.shape.as_list(), "dtype": y_spec.dtype.name},
         "sign": "positive score = the training example helped (removal raises the test loss by score/n)",
     }
-
-
-def _write_atomically(module, path, signatures):
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tfi_export_", dir=parent)
-    try:
-        tf.saved_model.save(module, staging, signatures=signatures)
-        if not os.path.exists(path):
-            os.rename(staging, path)
-            return
-        backup = tempfile.mkdtemp(prefix=".tfi_old_", dir=parent)
-        os.rename(path, os.path.join(backup, "old"))
-        try:
-            os.rename(staging, path)
-        except BaseException:
-            os.rename(os.path.join(backup, "old"), path)  # put the previous model back
-            raise
-        finally:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

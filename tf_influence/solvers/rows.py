@@ -1,5 +1,8 @@
-"""Plumbing shared by the solvers: right-hand sides as rows, row-wise operator products, a cache
-of compiled loops. Private: nothing here is public API."""
+"""Right-hand sides as rows, the relative residual, and the cache of compiled solver loops.
+
+Every solver takes right-hand sides `b` as `[p]` or `[k, p]` (k vectors as rows), checks them with
+`as_rows`, and reports `relative_residuals` `‖A xᵢ − bᵢ‖ / ‖bᵢ‖` in its `SolveInfo`.
+"""
 
 import collections
 import weakref
@@ -8,20 +11,10 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence.errors import InputError
+from tf_influence.operators.rows import matmul_rows, operator_size
 
 _CACHE_SIZE = 16
 _compiled = collections.OrderedDict()
-
-
-def operator_size(operator):
-    """The side p of a square operator, with a clear error for anything else."""
-    shape = getattr(operator, "shape", None)
-    if shape is None or len(shape) != 2 or shape[0] != shape[1] or shape[-1] is None:
-        raise InputError(
-            "Expected a square tf.linalg.LinearOperator of static shape [p, p] (e.g. "
-            f"tfi.HessianOperator). Received {type(operator).__name__} of shape {shape}."
-        )
-    return int(shape[-1])
 
 
 def as_rows(operator, b, name="b"):
@@ -46,35 +39,21 @@ def as_rows(operator, b, name="b"):
     return rows, single
 
 
-def apply_rows(operator, rows):
-    """`A rᵢ` for each row `rᵢ` of `rows` `[k, p]`, in one call (one data pass for a HessianOperator).
-
-    Uses `operator.apply(rows)` when the operator has it (HessianOperator, EKFAC...), calls a plain
-    callable on the rows, and otherwise uses `matmul` on the transposed rows.
-    """
-    apply = getattr(operator, "apply", None)
-    if callable(apply):
-        return apply(rows)
-    if isinstance(operator, tf.linalg.LinearOperator):
-        return tf.linalg.matrix_transpose(operator.matmul(rows, adjoint_arg=True))
-    if callable(operator):
-        return tf.convert_to_tensor(operator(rows), dtype=rows.dtype)
-    raise InputError(
-        "Expected a tf.linalg.LinearOperator (or a callable mapping rows [k, p] to rows [k, p]). "
-        f"Received {type(operator).__name__}."
-    )
-
-
 def row_dot(a, b):
     return tf.reduce_sum(a * b, axis=-1)
 
 
+def relative_norms(residual_norms, b_norms):
+    """`‖rᵢ‖ / ‖bᵢ‖` per row (float64 NumPy); `‖rᵢ‖` itself where `bᵢ = 0`."""
+    r = np.asarray(residual_norms, dtype=np.float64)
+    b = np.asarray(b_norms, dtype=np.float64)
+    return np.where(b > 0, r / np.where(b > 0, b, 1.0), r)
+
+
 def relative_residuals(operator, x, b):
-    """`‖A xᵢ − bᵢ‖ / ‖bᵢ‖` per row with the exact operator (one pass); 0 where `bᵢ = 0` and `xᵢ = 0`."""
-    r = b - apply_rows(operator, x)
-    r_norm = np.linalg.norm(np.asarray(r, dtype=np.float64), axis=-1)
-    b_norm = np.linalg.norm(np.asarray(b, dtype=np.float64), axis=-1)
-    return np.where(b_norm > 0, r_norm / np.where(b_norm > 0, b_norm, 1.0), r_norm)
+    """`‖A xᵢ − bᵢ‖ / ‖bᵢ‖` per row with the exact operator (one product for all rows)."""
+    r = np.asarray(b - matmul_rows(operator, x), dtype=np.float64)
+    return relative_norms(np.linalg.norm(r, axis=-1), np.linalg.norm(np.asarray(b, dtype=np.float64), axis=-1))
 
 
 def compiled(objects, options, build):

@@ -10,7 +10,7 @@ Modes (for `curvature="hessian"`):
   forward_over_back: a `ForwardAccumulator` around a `GradientTape` — the jvp of the gradient.
   back_over_back:    the gradient of ⟨∇L, v⟩; reuses one forward/backward pass for k vectors.
   finite_difference: (∇R(θ + r v) − ∇R(θ − r v)) / 2r, done over the whole data set in
-                     `operators.py` because it moves the variables; for diagnostics.
+                     `operators/hessian.py` because it moves the variables; for diagnostics.
 `curvature="gauss_newton"` gives `Jᵀ ∇²_out ℓ J v` (PSD when the loss is convex in the outputs).
 """
 

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from tf_influence.operators import HessianOperator
+from tf_influence.operators.hessian import HessianOperator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +97,7 @@ def check_hvp(model, loss=None, data=None, variables=None, *, mode="forward_over
     v = rng.standard_normal((num_vectors, op.space.size))
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     v = tf.constant(v, dtype=op.dtype)
-    got = op.apply(v).numpy()
+    got = op.matmul_rows(v).numpy()
     reference, settled = _settled_finite_differences(op, v, step, tolerance / 4, max_step_reductions)
     errors = tuple(float(_relative(g, r)) for g, r in zip(got, reference))
     return HVPCheck(mode=mode, relative_errors=errors, tolerance=tolerance, settled=tuple(settled))
@@ -105,13 +105,13 @@ def check_hvp(model, loss=None, data=None, variables=None, *, mode="forward_over
 
 def _settled_finite_differences(op, v, step, agreement, max_step_reductions):
     """Per vector, the first finite difference that agrees with the one at 4x its step."""
-    previous = op.with_options(mode="finite_difference", step=step).apply(v).numpy()
+    previous = op.with_options(mode="finite_difference", step=step).matmul_rows(v).numpy()
     reference = previous.copy()
     settled = np.zeros(len(previous), dtype=bool)
     for _ in range(max_step_reductions):
         step /= 4
         pending = np.flatnonzero(~settled)  # settled vectors are not differenced again
-        current = op.with_options(mode="finite_difference", step=step).apply(tf.gather(v, pending)).numpy()
+        current = op.with_options(mode="finite_difference", step=step).matmul_rows(tf.gather(v, pending)).numpy()
         for row, j in enumerate(pending):
             settled[j] = _relative(previous[j], current[row]) <= agreement
         reference[pending] = previous[pending] = current

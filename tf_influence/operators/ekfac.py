@@ -4,12 +4,14 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence.errors import InputError
+from tf_influence.linalg.kronecker import LayerLayout, eigenbasis_product, join_layers, split_layers
+from tf_influence.operators.rows import RowsOperator
 
 HEURISTIC = "heuristic"
 HEURISTIC_FRACTION = 0.1
 
 
-class EKFACOperator(tf.linalg.LinearOperator):
+class EKFACOperator(RowsOperator):
     """`C + λI` with `C` the layer-block-diagonal KFAC or EKFAC approximation of the curvature.
 
     Per layer, on a gradient-shaped matrix `V` (`[d_a, d_g]`: kernel rows, then the bias row):
@@ -40,11 +42,17 @@ class EKFACOperator(tf.linalg.LinearOperator):
       >>> factors = fit_factors(objective, (x, y))
       >>> op = EKFACOperator(factors, damping=1e-3)
       >>> x_flat = op.solvevec(g_flat)                 # ≈ (G + λI)⁻¹ g
+      >>> x_rows = op.solve_rows(g_rows)               # [k, p] rows
       >>> preconditioner = op.inverse()                # a LinearOperator
     """
 
     def __init__(self, factors, *, damping, dtype=None, name="EKFACOperator"):
         self.factors = factors
+        self.size = factors.space.size
+        index = {id(v): i for i, v in enumerate(factors.variables)}
+        self.layouts = [LayerLayout(None if b.kernel is None else index[id(b.kernel)],
+                                    None if b.bias is None else index[id(b.bias)], b.in_features, b.out_features)
+                        for b in factors.blocks]
         self.compute_dtype = tf.as_dtype(factors.settings.dtype)
         self.eigenvalues = [tf.cast(e, self.compute_dtype) for e in factors.eigenvalues()]
         self.dampings = _layer_dampings(damping, self.eigenvalues)
@@ -68,69 +76,32 @@ class EKFACOperator(tf.linalg.LinearOperator):
             parameters=dict(damping=damping, method=factors.method),
         )
 
-    def _shape(self):
-        return tf.TensorShape([self.factors.space.size, self.factors.space.size])
+    def _matmul_rows(self, rows):
+        return tf.cast(self._rows(tf.cast(rows, self.compute_dtype), power=1.0), self.dtype)
 
-    def _shape_tensor(self):
-        return tf.constant([self.factors.space.size] * 2, dtype=tf.int32)
-
-    def _matmul(self, x, adjoint=False, adjoint_arg=False):
-        return self._apply(x, adjoint_arg, power=1.0)
-
-    def _solve(self, rhs, adjoint=False, adjoint_arg=False):
-        return self._apply(rhs, adjoint_arg, power=-1.0)
-
-    def apply_rows(self, rows, *, inverse=True):
-        """`(C + λI)^{±1}` on each row of `rows` `[k, p]`; returns `[k, p]` in the factors' dtype."""
-        rows = tf.cast(tf.convert_to_tensor(rows), self.compute_dtype)
-        return self._rows(rows, -1.0 if inverse else 1.0)
+    def _solve_rows(self, rows):
+        return tf.cast(self._rows(tf.cast(rows, self.compute_dtype), power=-1.0), self.dtype)
 
     def layer_matrices(self, rows):
         """Splits flat rows `[k, p]` into per-layer matrices `[k, d_a, d_g]` (compute dtype)."""
-        parts = self._split(tf.cast(rows, self.compute_dtype))
-        index = {id(v): i for i, v in enumerate(self.factors.variables)}
-        matrices = []
-        for block in self.factors.blocks:
-            k = tf.shape(rows)[0]
-            pieces = []
-            if block.kernel is not None:
-                pieces.append(tf.reshape(parts[index[id(block.kernel)]], [k, block.in_features, block.out_features]))
-            if block.bias is not None:
-                pieces.append(tf.reshape(parts[index[id(block.bias)]], [k, 1, block.out_features]))
-            matrices.append(tf.concat(pieces, axis=1))
-        return matrices
+        return split_layers(tf.cast(rows, self.compute_dtype), self.factors.space.sizes, self.layouts)
 
-    def _split(self, rows):
-        """Flat rows `[k, p]` -> per-variable `[k, size]` pieces, kept in the compute dtype (the
-        variables may be float32 while the factors are float64; `space.unflatten` would cast)."""
-        return tf.split(rows, self.factors.space.sizes, axis=-1)
+    def layer_solve(self, rows):
+        """`(C + λI)⁻¹` on flat rows `[k, p]`, as per-layer matrices `[k, d_a, d_g]` in the factors'
+        (compute) dtype: what factored scoring multiplies with the training gradients' factors."""
+        return self._layers(self.layer_matrices(rows), power=-1.0)
 
-    def _apply(self, x, adjoint_arg, power):
-        x = tf.convert_to_tensor(x, dtype=self.dtype)
-        if adjoint_arg:
-            x = tf.linalg.adjoint(x)
-        if x.shape.rank != 2:
-            raise InputError(f"{self.name} supports no batch shape; received a tensor of shape {x.shape}.")
-        result = self._rows(tf.cast(tf.transpose(x), self.compute_dtype), power)
-        return tf.cast(tf.transpose(result), self.dtype)
+    def scales(self, *, inverse=True):
+        """Per layer, `1 / (Λ + λ)` (inverse) or `Λ + λ` `[d_a, d_g]`, in the compute dtype."""
+        return [(1.0 / (e + d)) if inverse else (e + d) for e, d in zip(self.eigenvalues, self.dampings)]
+
+    def _layers(self, matrices, power):
+        scales = self.scales(inverse=power < 0)
+        return [eigenbasis_product(m, layer.q_a, layer.q_s, scale)
+                for m, layer, scale in zip(matrices, self.factors.layers, scales)]
 
     def _rows(self, rows, power):
-        matrices = self.layer_matrices(rows)
-        parts = [None] * len(self.factors.variables)
-        index = {id(v): i for i, v in enumerate(self.factors.variables)}
-        for block, layer, values, damping, m in zip(
-                self.factors.blocks, self.factors.layers, self.eigenvalues, self.dampings, matrices):
-            scale = (values + damping) if power > 0 else 1.0 / (values + damping)
-            projected = m if layer.q_a is None else tf.einsum("ka,nkl->nal", layer.q_a, m)
-            projected = tf.einsum("nal,lb->nab", projected, layer.q_s) * scale
-            back = tf.einsum("nab,lb->nal", projected, layer.q_s)
-            back = back if layer.q_a is None else tf.einsum("ka,nal->nkl", layer.q_a, back)
-            k = tf.shape(rows)[0]
-            if block.kernel is not None:
-                parts[index[id(block.kernel)]] = tf.reshape(back[:, : block.in_features], [k, -1])
-            if block.bias is not None:
-                parts[index[id(block.bias)]] = back[:, -1]
-        return tf.concat(parts, axis=-1)
+        return join_layers(self._layers(self.layer_matrices(rows), power), self.factors.space.sizes, self.layouts)
 
 
 def _nonsingular(eigenvalues, damping):

@@ -1,0 +1,82 @@
+"""The one walk over a Keras model's layers, in model order, nested models and composite layers included.
+
+Sequential and Functional models list their layers in `model.layers` (a topological order for
+Functional models); a nested model or a layer that owns sublayers (MultiHeadAttention's projections,
+a custom block) is descended into. Keras 3 layers have no public list of sublayers, so a layer's
+sublayers are the `Layer` objects among its attributes (and in lists, tuples and dicts held by them),
+in the order they were assigned.
+
+Example:
+  >>> [layer.name for layer in leaf_layers(model)]
+  ['dense', 'dense_1']
+"""
+
+
+def walk_layers(model, *, into=None):
+    """Every layer of `model` (not the model itself), depth first: a composite layer before its parts.
+
+    Args:
+      model: a Keras model or layer.
+      into: `fn(layer) -> bool`, whether to descend into a composite layer (default: always);
+        e.g. `into=is_nested_model` keeps composite layers such as MultiHeadAttention whole.
+    """
+    seen = {id(model)}
+    yield from _walk(model, seen, into)
+
+
+def leaf_layers(model):
+    """The layers of `model` that own no sublayers, in model order."""
+    for layer in walk_layers(model):
+        if not sublayers(layer):
+            yield layer
+
+
+def sublayers(layer):
+    """The direct sublayers of `layer`: `layer.layers` for models, else the `Layer` attributes."""
+    listed = getattr(layer, "layers", None)
+    if isinstance(listed, (list, tuple)):
+        return [item for item in listed if _is_layer(item)]
+    found = []
+    for value in vars(layer).values():
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+        found.extend(item for item in items if _is_layer(item) and item is not layer)
+    unique = {}
+    for item in found:
+        unique.setdefault(id(item), item)
+    return list(unique.values())
+
+
+def is_nested_model(layer):
+    """True for a Keras model used as a layer (it has `inputs`/`layers`), as opposed to a composite layer."""
+    return isinstance(getattr(layer, "layers", None), (list, tuple)) and hasattr(layer, "inputs")
+
+
+def find_layer(model, name):
+    """The layer named `name` anywhere in `model`, or None."""
+    for layer in walk_layers(model):
+        if layer.name == name:
+            return layer
+    return None
+
+
+def owning_layers(model, variables):
+    """`{id(variable): layer}`: the innermost layer of `model` whose trainable weights hold each variable."""
+    owners = {}
+    for layer in walk_layers(model):
+        for weight in getattr(layer, "trainable_weights", []):
+            owners[id(weight)] = layer  # deeper layers come later and win
+    return {id(v): owners[id(v)] for v in variables if id(v) in owners}
+
+
+def _walk(layer, seen, into):
+    for child in sublayers(layer):
+        if id(child) in seen:
+            continue
+        seen.add(id(child))
+        yield child
+        if into is None or into(child):
+            yield from _walk(child, seen, into)
+
+
+def _is_layer(obj):
+    return hasattr(obj, "trainable_weights") and hasattr(obj, "call") and hasattr(obj, "name") and not isinstance(obj, type)

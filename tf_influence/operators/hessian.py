@@ -1,0 +1,342 @@
+"""`HessianOperator`: the damped, data-averaged curvature of the training objective as a LinearOperator."""
+
+import logging
+import re
+import warnings
+
+import numpy as np
+import tensorflow as tf
+
+from tf_influence import arguments
+from tf_influence import distribute as _distribute
+from tf_influence.curvature import products as _products
+from tf_influence.data import first_batch
+from tf_influence.errors import InputError, NotFiniteError, ResourceError, SecondDerivativeError
+from tf_influence.operators.damping import DampingChoice, lanczos_damping
+from tf_influence.operators.minibatch import MinibatchCurvature
+from tf_influence.operators.rows import RowsOperator
+from tf_influence.problem import Problem
+from tf_influence.traps import second_derivative_traps, trap_message
+
+_log = logging.getLogger(__name__)
+
+MAX_DENSE_SIZE = 20_000
+
+
+class HessianOperator(RowsOperator):
+    """`H + λI` for the mean training objective, as a self-adjoint `tf.linalg.LinearOperator`.
+
+    `H = ∇²R(θ)` with `R(θ) = Σ wᵢ ℓ(zᵢ, θ) / Σ wᵢ + Ω(θ)` over the selected variables θ (or the
+    Gauss-Newton matrix `Σ wᵢ Jᵢᵀ ∇²ℓᵢ Jᵢ / Σ wᵢ + ∇²Ω` with `curvature="gauss_newton"`).
+    `matvec` on a flat vector of length p runs one compiled pass over the data; `matmul` with
+    k columns handles k vectors in the same pass.
+
+    Args:
+      model: a built Keras model, or a `tfi.Problem` (then `loss`, `data`, `variables`, `l2`,
+        `training`, `batch_size` and `strategy` come from it and must not be given).
+      loss: a Keras loss, loss name, or callable giving per-example losses.
+      data: `(x, y)` / `(x, y, w)` arrays or a batched `tf.data.Dataset` of such tuples.
+      variables: `None` for all trainable variables, or layers / layer names / variables.
+      damping: λ ≥ 0 added to the diagonal, or None to choose it from the spectrum when the
+        operator is built (30 Lanczos products of the undamped operator; the rule is in
+        `tf_influence.operators.damping`). `damping_choice` says what was chosen and why.
+      l2: extra `(l2/2)·‖θ‖²` in the objective.
+      curvature: `"hessian"` or `"gauss_newton"`.
+      mode: `"forward_over_back"` (default), `"back_over_back"` or `"finite_difference"`.
+      batch_size: batch size when `data` holds arrays.
+      step: finite-difference step r (default `ε^(1/3)·(1 + ‖θ‖)/‖v‖`).
+      training: the `training` flag the model is called with.
+      on_unsafe_layers: `"raise"` (default), `"warn"` or `"ignore"` when a layer with wrong TF
+        second derivatives (LayerNormalization, ...) lies on the selected path.
+      jit_compile: compile each batch's product with XLA (the loop over the data stays a
+        `tf.function`). On CPU this roughly halves the cost of products through max pooling.
+      is_positive_definite: a promise, as for every `LinearOperator`: set True when you know
+        `H + λI` is positive definite (convex loss with l2 > 0, or λ above |λ_min|; see
+        `tfi.extreme_eigenvalues`). Defaults to True for Gauss-Newton with λ > 0, else None.
+      strategy: a `tf.distribute.Strategy` to split every batch across its replicas (sums
+        reduced, same result as one device), or None for the strategy whose `scope()` is active
+        when the operator is built (single device outside every scope). See `tf_influence.distribute`.
+
+    Shape: `[p, p]` with p the number of selected parameters.
+
+    Performance: one matvec costs about 2-3 gradient evaluations over the data (forward-over-back);
+    `to_dense()` costs p matvecs and `p²` memory, and refuses p > 20,000.
+
+    Hints: `is_self_adjoint=True` always. `is_positive_definite` is True for Gauss-Newton with
+    λ > 0, otherwise only if you promise it; a Hessian away from a minimum can be indefinite.
+
+    Example:
+      >>> H = tfi.HessianOperator(model, "sparse_categorical_crossentropy", (x, y), damping=1e-2,
+      ...                         is_positive_definite=True)   # a promise, as in tf.linalg
+      >>> hv = H.matvec(v)                                      # v: [p]
+      >>> x = tf.linalg.experimental.conjugate_gradient(H, b).x
+      >>> H.matmul_rows(vectors)                                # [k, p] -> [k, p], one data pass
+    """
+
+    def __init__(self, model, loss=None, data=None, variables=None, *, damping=0.0, l2=0.0,
+                 curvature="hessian", mode="forward_over_back", batch_size=None, step=None,
+                 training=False, on_unsafe_layers="raise", jit_compile=False,
+                 is_positive_definite=None, strategy=None, loss_weights=None, name="HessianOperator"):
+        arguments.one_of(mode, "mode", _products.MODES)
+        arguments.one_of(curvature, "curvature", _products.CURVATURES)
+        arguments.one_of(on_unsafe_layers, "on_unsafe_layers", ("raise", "warn", "ignore"))
+        choice = damping if isinstance(damping, DampingChoice) else None
+        if choice is not None:
+            damping = choice.value
+        if damping is not None:
+            damping = arguments.nonnegative_float(damping, "damping")
+        if isinstance(model, Problem):
+            given = {k: v for k, v in dict(loss=loss, data=data, variables=variables, l2=l2, training=training,
+                                           batch_size=batch_size, strategy=strategy,
+                                           loss_weights=loss_weights).items() if v}
+            if given:
+                raise InputError(f"HessianOperator(problem, ...) takes its {sorted(given)} from the Problem; "
+                                 "do not pass them again.")
+            problem = model
+        else:
+            problem = Problem(model, loss, data, variables, l2=l2, training=training, batch_size=batch_size,
+                              strategy=strategy, loss_weights=loss_weights)
+        if damping is None:  # chosen from the spectrum of the undamped operator (same options)
+            undamped = HessianOperator(problem, damping=0.0, curvature=curvature, mode=mode, step=step,
+                                       on_unsafe_layers=on_unsafe_layers, jit_compile=jit_compile)
+            choice = lanczos_damping(undamped)
+            damping = choice.value
+        self.damping_choice = choice or DampingChoice.given(damping)
+        self.problem = problem
+        self.source = None  # the CurvatureSource that built or wraps this operator, if any
+        self.space = problem.space
+        self.size = problem.space.size
+        self.damping = damping
+        self.curvature = curvature
+        self.mode = mode
+        self.step = step
+        self.jit_compile = jit_compile
+        self._on_unsafe_layers = on_unsafe_layers
+        if curvature == "hessian" and mode != "finite_difference":
+            traps = second_derivative_traps(problem.model, problem.variables, training=problem.objective.training)
+            if traps and on_unsafe_layers == "raise":
+                raise SecondDerivativeError(trap_message(traps, mode))
+            if traps and on_unsafe_layers == "warn":
+                warnings.warn(trap_message(traps, mode), stacklevel=2)
+        # `data_pass(rows) -> (Σᵢ wᵢ Cᵢ rows, Σᵢ wᵢ)`: one compiled pass over the data (XLA cannot
+        # compile dataset iteration, so only the per-batch product is jit-compiled).
+        self._batch_product = tf.function(self._batch_product_fn, jit_compile=jit_compile)
+        if problem.strategy is not None:
+            self.data_pass = tf.function(self._distributed_data_pass_fn)
+            self._gradient_pass = tf.function(self._distributed_gradient_pass_fn)
+        else:
+            self.data_pass = tf.function(self._data_pass_fn)
+            self._gradient_pass = tf.function(self._gradient_pass_fn)
+            if jit_compile and self.has_batch_products:
+                self._check_xla_compiles(first_batch(problem.dataset, "data"))
+        self._pd_promise = is_positive_definite
+        if is_positive_definite is None and curvature == "gauss_newton" and damping > 0:
+            is_positive_definite = True
+        super().__init__(
+            dtype=problem.space.dtype,
+            is_self_adjoint=True,
+            is_positive_definite=is_positive_definite,
+            is_square=True,
+            name=name,
+            parameters=dict(damping=damping, curvature=curvature, mode=mode, l2=problem.objective.l2,
+                            size=self.size),
+        )
+
+    @property
+    def has_batch_products(self):
+        """False when products are finite differences, which move the variables over all the data."""
+        return not (self.mode == "finite_difference" and self.curvature == "hessian")
+
+    def default_step(self):
+        """The finite-difference step for a unit vector, `ε^(1/3)·(1 + ‖θ‖)` (divided by ‖v‖ otherwise)."""
+        theta = self.space.flatten([tf.convert_to_tensor(v) for v in self.problem.tf_variables])
+        return np.finfo(self.space.dtype.as_numpy_dtype).eps ** (1 / 3) * (1 + float(tf.linalg.norm(theta)))
+
+    def _to_dense(self):
+        p = self.size
+        if p > MAX_DENSE_SIZE:
+            raise ResourceError(
+                f"to_dense() of a {p}x{p} Hessian would need {p * p * self.dtype.size / 2**30:.1f} GiB "
+                f"and {p} matvecs; the limit is p ≤ {MAX_DENSE_SIZE}. Select fewer variables or use "
+                "an iterative method."
+            )
+        eye = tf.eye(p, dtype=self.dtype)
+        chunk = 64
+        rows = [self.matmul_rows(eye[i:i + chunk]) for i in range(0, p, chunk)]
+        dense = tf.concat(rows, axis=0)
+        return 0.5 * (dense + tf.transpose(dense))
+
+    # -- Products on rows ------------------------------------------------------------------------
+
+    def _matmul_rows(self, rows):
+        if not self.has_batch_products:
+            result = self._finite_difference(rows)
+        else:
+            total, weight = self.data_pass(rows)
+            result = total / tf.cast(weight, self.dtype) + self._regularizer_product(rows)
+        result = result + self.damping * rows
+        if tf.executing_eagerly() and not bool(tf.reduce_all(tf.math.is_finite(result))):
+            raise NotFiniteError(
+                "The curvature product contains NaN/Inf. Check the data and the loss for NaN, and the "
+                "model weights for divergence."
+            )
+        return result
+
+    def with_options(self, **changes):
+        """A new operator on the same problem (model, loss, data, variables) with some options changed."""
+        options = dict(damping=self.damping_choice, curvature=self.curvature, mode=self.mode, step=self.step,
+                       on_unsafe_layers=self._on_unsafe_layers, jit_compile=self.jit_compile,
+                       is_positive_definite=self._pd_promise)
+        options.update(changes)
+        return HessianOperator(self.problem, **options)
+
+    def minibatches(self, *, batch_size, sampling="independent", seed=0):
+        """Curvature products of random minibatches of the training data (undamped), for LiSSA.
+
+        Returns a `MinibatchCurvature` whose traceable `matmul_rows(rows, step)` gives `H̃_step`
+        times each row: step s always draws the same minibatch for the same seed.
+        """
+        if not self.has_batch_products:
+            raise InputError(
+                "minibatch products have no finite-difference form (it moves the variables over the whole "
+                "data set). Use mode='forward_over_back' or 'back_over_back' for minibatch products.")
+        return MinibatchCurvature(self.problem.dataset, self.batch_matmul_rows, num_examples=self.problem.num_examples,
+                                  batch_size=batch_size, sampling=sampling, seed=seed)
+
+    def batch_matmul_rows(self, batch, rows):
+        """Curvature of ONE batch `(x, y, w)` times each row of `rows` `[k, p]`, without damping.
+
+        Returns `Σ_{i∈batch} wᵢ Cᵢ v / Σ_{i∈batch} wᵢ + ∇²Ω v` (`[k, p]`): the minibatch estimate
+        `H̃` of `H` that stochastic solvers (LiSSA) use. Traceable inside `tf.function`; no NaN
+        check and no damping (add `self.damping · v` yourself).
+        """
+        if not self.has_batch_products:
+            raise InputError(
+                "batch products have no finite-difference form (it moves the variables over the whole "
+                "data set). Use mode='forward_over_back' or 'back_over_back' for minibatch products.")
+        rows = tf.convert_to_tensor(rows, dtype=self.dtype)
+        if self.problem.strategy is not None:
+            total = _distribute.batch_sum(self.problem.strategy, self._shard_product, batch, rows)
+        else:
+            total = self._batch_product(batch, self.space.unflatten(rows))
+        weight = tf.cast(tf.reduce_sum(batch[2]), self.dtype)
+        return total / weight + self._regularizer_product(rows)
+
+    def gradient(self):
+        """Flat gradient `∇R(θ)` of the mean objective (regulariser included)."""
+        total, weight = self._gradient_pass()
+        return total / tf.cast(weight, self.dtype) + self._regularizer_gradient()
+
+    # -- Internals ------------------------------------------------------------------------------
+
+    def _check_xla_compiles(self, batch):
+        # Fail here, with the reason, rather than deep inside a solver loop.
+        zeros = tf.zeros([1, self.size], self.problem.dtype)
+        try:
+            self._batch_product(batch, self.space.unflatten(zeros))
+        except tf.errors.InvalidArgumentError as error:
+            unsupported = re.search(r"compile graph .* on XLA_\w+: (\w+)", str(error))
+            if unsupported is None:
+                raise
+            raise InputError(
+                f"jit_compile=True: XLA cannot compile this model's curvature product (op "
+                f"{unsupported.group(1)} has no XLA kernel for this device and dtype; e.g. XLA on CPU has "
+                "no float64 MaxPoolGradGrad, which second derivatives through max pooling need). Use "
+                "jit_compile=False, or a float32 model."
+            ) from None
+
+    def _data_pass_fn(self, rows):
+        tangents = self.space.unflatten(rows)
+        total = tf.zeros_like(rows)
+        weight = tf.zeros([], dtype=tf.float64)
+        # Iterating an iterator, not the dataset: AutoGraph turns `for b in dataset` into a
+        # dataset reduce whose body TF re-instantiates and re-optimises on every call (~0.5 s).
+        for batch in iter(self.problem.dataset):
+            total += self._batch_product(batch, tangents)
+            weight += tf.cast(tf.reduce_sum(batch[2]), tf.float64)
+        tf.debugging.assert_positive(weight, message="The data has zero total sample weight (or no examples).")
+        return total, weight
+
+    def _batch_product_fn(self, batch, tangents):
+        products = _products.batch_curvature_product(
+            self.problem.objective, self.problem.tf_variables, batch, tangents, mode=self.mode,
+            curvature=self.curvature)
+        return self.space.flatten(products, batch_dims=1)
+
+    def _distributed_data_pass_fn(self, rows):
+        initial = (tf.zeros_like(rows), tf.zeros([], dtype=tf.float64))
+        total, weight = _distribute.replica_sum(self.problem.strategy, self.problem.dataset,
+                                                self._shard_product_and_weight, initial, rows)
+        tf.debugging.assert_positive(weight, message="The data has zero total sample weight (or no examples).")
+        return total, weight
+
+    def _shard_product(self, shard, rows):
+        return self._batch_product_fn(shard, self.space.unflatten(rows))
+
+    def _shard_product_and_weight(self, shard, rows):
+        return self._shard_product(shard, rows), tf.cast(tf.reduce_sum(shard[2]), tf.float64)
+
+    def _distributed_gradient_pass_fn(self):
+        initial = (tf.zeros([self.size], self.dtype), tf.zeros([], dtype=tf.float64))
+        return _distribute.replica_sum(self.problem.strategy, self.problem.dataset,
+                                       self._shard_gradient_and_weight, initial)
+
+    def _shard_gradient_and_weight(self, shard):
+        return self._batch_gradient(*shard), tf.cast(tf.reduce_sum(shard[2]), tf.float64)
+
+    def _batch_gradient(self, x, y, w):
+        tf_vars = self.problem.tf_variables
+        with tf.GradientTape() as tape:
+            tape.watch(tf_vars)
+            loss = self.problem.objective.weighted_loss_sum(x, y, w)
+        grads = tape.gradient(loss, tf_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return self.space.flatten(grads)
+
+    def _gradient_pass_fn(self):
+        total = tf.zeros([self.size], self.dtype)
+        weight = tf.zeros([], dtype=tf.float64)
+        for x, y, w in iter(self.problem.dataset):  # an iterator: see _data_pass_fn
+            total += self._batch_gradient(x, y, w)
+            weight += tf.cast(tf.reduce_sum(w), tf.float64)
+        return total, weight
+
+    def _regularizer_product(self, rows):
+        objective = self.problem.objective
+        if not objective.l2 and not objective.has_weight_regularizers:
+            return tf.zeros_like(rows)
+        products = _products.regularizer_curvature_product(
+            objective, self.problem.tf_variables, self.problem.variables, self.space.unflatten(rows))
+        return self.space.flatten(products, batch_dims=1)
+
+    def _regularizer_gradient(self):
+        tf_vars = self.problem.tf_variables
+        with tf.GradientTape() as tape:
+            tape.watch(tf_vars)
+            reg = self.problem.objective.regularization(self.problem.variables)
+        grads = tape.gradient(reg, tf_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return self.space.flatten(grads)
+
+    def _finite_difference(self, rows):
+        tf_vars = self.problem.tf_variables
+        originals = [tf.identity(v) for v in tf_vars]
+        unit_step = self.default_step()
+        results = []
+        try:
+            for v in tf.unstack(rows):
+                v_norm = float(tf.linalg.norm(v))
+                if v_norm == 0:
+                    results.append(tf.zeros_like(v))
+                    continue
+                r = self.step if self.step is not None else unit_step / v_norm
+                delta = self.space.unflatten(r * v)
+                for var, orig, d in zip(tf_vars, originals, delta):
+                    var.assign(orig + d)
+                g_plus = self.gradient()
+                for var, orig, d in zip(tf_vars, originals, delta):
+                    var.assign(orig - d)
+                g_minus = self.gradient()
+                results.append((g_plus - g_minus) / (2 * r))
+        finally:
+            for var, orig in zip(tf_vars, originals):
+                var.assign(orig)
+        return tf.stack(results)
