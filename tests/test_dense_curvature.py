@@ -4,10 +4,6 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import dense_hessian as reference_hessian
-from conftest import relative_error
-from models import logistic_regression, mlp, small_cnn, two_input_functional
-
 import tf_influence as tfi
 from tf_influence.curvature.dense import (
     dense_curvature,
@@ -18,6 +14,9 @@ from tf_influence.curvature.dense import (
 from tf_influence.data import as_dataset
 from tf_influence.objective import Objective
 from tf_influence.params import ParameterSpace, select_variables, tf_variables
+from tests.helpers import dense_hessian as reference_hessian
+from tests.helpers import relative_error
+from tests.models import logistic_regression, mlp, small_cnn, two_input_functional
 
 sce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 bce = keras.losses.BinaryCrossentropy(from_logits=True)
