@@ -30,6 +30,8 @@ A float32 model gives its float32 curvature accumulated in float64.
 import numpy as np
 import tensorflow as tf
 
+from tf_influence import arguments
+from tf_influence.data import first_batch
 from tf_influence.errors import InputError
 from tf_influence.params import densify
 
@@ -125,44 +127,47 @@ def dense_regularizer_hessian(objective, tf_vars, variables, space, *, chunk_siz
 
 
 def dense_curvature(objective, tf_vars, variables, space, dataset, *, curvature="hessian", damping=0.0,
-                    chunk_size=None, gemm="auto", memory_budget=DEFAULT_MEMORY_BUDGET, dtype=tf.float64):
+                    chunk_size=None, gemm="auto", memory_budget=DEFAULT_MEMORY_BUDGET, dtype=tf.float64,
+                    as_array=False):
     """The whole dense matrix of `HessianOperator`: data term + `∇²Ω` + `damping·I`, in one buffer.
 
     Args:
       curvature: `"hessian"` (`dense_hessian`) or `"gauss_newton"` (`dense_gauss_newton`).
       damping: λ added to the diagonal.
+      as_array: return the NumPy buffer itself (no tensor copy), e.g. for a LAPACK factorisation.
       Others: as for `dense_hessian`, `dense_gauss_newton` and `dense_regularizer_hessian`.
 
     Returns:
-      A symmetric `[p, p]` tensor of `dtype` (one `p²` NumPy buffer, converted once).
+      A symmetric `[p, p]` tensor of `dtype` (one `p²` NumPy buffer, converted once), or that
+      NumPy array with `as_array=True`.
 
     Example:
       >>> A = dense_curvature(objective, tf_vars, variables, space, dataset, damping=1e-3)
     """
-    if not np.isfinite(damping) or damping < 0:
-        raise InputError(f"damping must be a finite number ≥ 0. Received damping={damping}.")
+    damping = arguments.nonnegative_float(damping, "damping")
+    arguments.one_of(curvature, "curvature", ("hessian", "gauss_newton"))
     if curvature == "hessian":
         result = _hessian_array(objective, tf_vars, space, dataset, chunk_size, memory_budget, dtype)
-    elif curvature == "gauss_newton":
-        result = _gauss_newton_array(objective, tf_vars, space, dataset, gemm, memory_budget, dtype)
     else:
-        raise InputError(f"curvature must be 'hessian' or 'gauss_newton'. Received curvature={curvature!r}.")
-    result += _regularizer_array(objective, tf_vars, variables, space, None, memory_budget, dtype)
-    result[np.diag_indices_from(result)] += float(damping)
-    return tf.convert_to_tensor(result)
+        result = _gauss_newton_array(objective, tf_vars, space, dataset, gemm, memory_budget, dtype)
+    if objective.has_weight_regularizers:  # ∇²Ω by pfor; without them ∇²Ω = l2·I exactly
+        result += _regularizer_array(objective, tf_vars, variables, space, None, memory_budget, dtype)
+    else:
+        damping += float(objective.l2)
+    result[np.diag_indices_from(result)] += damping
+    return result if as_array else tf.convert_to_tensor(result)
 
 
 # -- Whole matrices as NumPy arrays -------------------------------------------------------------
 
 
 def _gauss_newton_array(objective, tf_vars, space, dataset, gemm, memory_budget, dtype):
-    if gemm not in GEMM_BACKENDS:
-        raise InputError(f"gemm must be one of {GEMM_BACKENDS}. Received gemm={gemm!r}.")
+    arguments.one_of(gemm, "gemm", GEMM_BACKENDS)
     dtype = tf.as_dtype(dtype)
     if gemm == "auto":
         gemm = "blas" if dtype == tf.float64 and not tf.config.list_logical_devices("GPU") else "tensorflow"
     p = space.size
-    c = _output_size(objective, _first_batch(dataset)[0])
+    c = _output_size(objective, first_batch(dataset, "data")[0])
     sub_batch = max(1, int(memory_budget // (c * p * (3 * space.dtype.size + 8))))
     factors = tf.function(lambda x, y, w: _gauss_newton_factors(objective, tf_vars, space, x, y, w),
                           input_signature=_batch_signature(dataset))
@@ -193,8 +198,8 @@ def _hessian_array(objective, tf_vars, space, dataset, chunk_size, memory_budget
     p = space.size
     if chunk_size is None:
         chunk_size = _rows_per_chunk(objective, tf_vars, space, dataset, memory_budget)
-    elif not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise InputError(f"chunk_size must be a positive integer or None. Received chunk_size={chunk_size!r}.")
+    else:
+        chunk_size = arguments.positive_int(chunk_size, "chunk_size")
     int_spec = tf.TensorSpec([], tf.int32)
 
     @tf.function(input_signature=[int_spec, int_spec])
@@ -326,7 +331,7 @@ def _unflatten_outputs(flat, like):
 def _rows_per_chunk(objective, tf_vars, space, dataset, memory_budget):
     """Hessian rows per chunk so that ~3 copies of the vectorised gradient graph fit the budget."""
     per_example, fixed = _gradient_graph_entries(objective, tf_vars, dataset)
-    batch = int(tf.shape(_first_batch(dataset)[2])[0])
+    batch = int(tf.shape(first_batch(dataset, "data")[2])[0])
     per_row = 3 * space.dtype.size * (batch * per_example + fixed) + 8 * space.size
     return int(max(1, min(256, space.size, memory_budget // per_row)))
 
@@ -357,12 +362,6 @@ def _output_size(objective, x):
 
 def _batch_signature(dataset):
     return tf.nest.map_structure(lambda s: tf.TensorSpec([None, *s.shape[1:]], s.dtype), dataset.element_spec)
-
-
-def _first_batch(dataset):
-    for batch in dataset.take(1):
-        return batch
-    raise InputError("The data set is empty: it yielded no batch. Dense curvature needs at least one example.")
 
 
 def _check_weight(weight):
