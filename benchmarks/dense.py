@@ -1,13 +1,14 @@
-"""Dense curvature matrices: the new compiled builders vs `HessianOperator.to_dense()` (p matvecs).
+"""Dense curvature matrices: the compiled builders (what `HessianOperator.to_dense()` now uses) vs p products.
 
 Digits MLP 64-32-10 (2,410 parameters, 1,200 examples of scikit-learn's bundled digits, float64,
-trained a few epochs): one full-data gradient (the unit), `HessianOperator(...).to_dense()`, the dense
-Hessian, the dense Gauss-Newton matrix (BLAS and TensorFlow products); then the same builders on a
+trained a few epochs): one full-data gradient (the unit), the matrix from p operator products in
+chunks of 64 (`matmul_rows` of the unit vectors: how `to_dense()` was built before), `to_dense()`, the
+dense Hessian, the dense Gauss-Newton matrix (BLAS and TensorFlow products); then the same builders on a
 64-128-128-10 MLP (~26k parameters). Wall and CPU seconds (CPU time is steadier on a shared machine).
 
 Run from the repository root: PYTHONPATH=. python benchmarks/dense.py [--quick] [--profile]
                                  [--large-examples 1200] [--skip-large]
-  --quick     time to_dense() on its first 256 rows and scale by p / 256 (marked "extrapolated")
+  --quick     time the p products on the first 256 rows and scale by p / 256 (marked "extrapolated")
   --profile   op-type breakdown (TF profiler) of the dense Hessian and Gauss-Newton builders
   --large-examples n: examples for the ~26k-parameter MLP (time is linear in n; the memory is not)
 """
@@ -30,6 +31,9 @@ from tf_influence.curvature.dense import (
 from tf_influence.data import as_dataset
 from tf_influence.objective import Objective
 from tf_influence.params import ParameterSpace, select_variables, tf_variables
+
+
+PRODUCTS = "p products, 64 per pass (old to_dense)"
 
 
 def digits(n):
@@ -78,13 +82,16 @@ def bench(name, hidden, n, args, with_operator):
 
     add("gradient pass (unit)", t_grad, float("nan"), "median of 5")
     if with_operator:
+        eye = tf.eye(p, dtype=space.dtype)
         if args.quick:
-            eye = tf.eye(p, dtype=space.dtype)[:256]
-            _, t, c = timed(lambda: operator.apply(eye))
-            add("HessianOperator.to_dense()", t * p / 256, c * p / 256, "extrapolated from 256 rows")
+            _, t, c = timed(lambda: [operator.matmul_rows(eye[i:i + 64]) for i in range(0, 256, 64)])
+            add(PRODUCTS, t * p / 256, c * p / 256, "extrapolated from 256 rows")
         else:
-            results["to_dense"], t, c = timed(operator.to_dense)
-            add("HessianOperator.to_dense()", t, c)
+            results["products"], t, c = timed(lambda: tf.concat(
+                [operator.matmul_rows(eye[i:i + 64]) for i in range(0, p, 64)], axis=0))
+            add(PRODUCTS, t, c)
+        results["to_dense"], t, c = timed(operator.to_dense)
+        add("HessianOperator.to_dense() (1st call)", t, c, "builds dense_hessian, traces")
     for label, fn in (
         ("dense_hessian (1st call)", lambda: dense_hessian(objective, tf_vars, space, dataset)),
         ("dense_hessian", lambda: dense_hessian(objective, tf_vars, space, dataset)),
@@ -100,8 +107,9 @@ def bench(name, hidden, n, args, with_operator):
         add(label, t, c, f"peak RSS {peak_rss_gib():.1f} GiB")
         results[label] = results[label].numpy() if p <= 10_000 else None
     if with_operator:  # the same builder on a float32 copy: TensorFlow's float32 matmul is oneDNN's
-        model32 = keras.Sequential([keras.Input((x.shape[1],), dtype="float32"), *[keras.layers.Dense(h, activation="tanh", dtype="float32")
-                                                                 for h in hidden], keras.layers.Dense(10, dtype="float32")])
+        hidden32 = [keras.layers.Dense(h, activation="tanh", dtype="float32") for h in hidden]
+        model32 = keras.Sequential([keras.Input((x.shape[1],), dtype="float32"), *hidden32,
+                                    keras.layers.Dense(10, dtype="float32")])
         model32.set_weights([w.astype("float32") for w in model.get_weights()])
         objective32 = Objective(model32, loss)
         tf_vars32, space32 = tf_variables(model32.trainable_variables), ParameterSpace(model32.trainable_variables)
@@ -110,10 +118,10 @@ def bench(name, hidden, n, args, with_operator):
         h32, t, c = timed(lambda: dense_hessian(objective32, tf_vars32, space32, dataset32))
         error = np.linalg.norm(h32.numpy() - results["dense_hessian"]) / np.linalg.norm(results["dense_hessian"])
         add("dense_hessian, float32 copy", t, c, f"rel. diff. to float64 {error:.0e}")
-    if "to_dense" in results:
-        error = np.linalg.norm(results["dense_hessian"] - results["to_dense"].numpy()) / np.linalg.norm(
-            results["to_dense"].numpy())
-        print(f"{name}: relative difference dense_hessian vs to_dense(): {error:.1e}")
+    if "products" in results:
+        error = np.linalg.norm(results["dense_hessian"] - results["products"].numpy()) / np.linalg.norm(
+            results["products"].numpy())
+        print(f"{name}: relative difference dense_hessian vs p products: {error:.1e}")
     if results.get("dense_gauss_newton blas") is not None:
         g, g_tf = results["dense_gauss_newton blas"], results["dense_gauss_newton tensorflow"]
         print(f"{name}: relative difference GGN blas vs tensorflow: "
@@ -124,9 +132,10 @@ def bench(name, hidden, n, args, with_operator):
         print_op_times(f"{name}: dense_hessian", op_times(lambda: dense_hessian(objective, tf_vars, space, dataset)))
         print_op_times(f"{name}: dense_gauss_newton (TensorFlow part; BLAS syrk not shown)",
                        op_times(lambda: dense_gauss_newton(objective, tf_vars, space, dataset)))
-    reference = next((r[3] for r in rows if r[2] == "HessianOperator.to_dense()"), None)
+    reference = next((r[3] for r in rows if r[2] == PRODUCTS), None)
     return [[*r[:3], f"{r[3]:.2f}", f"{r[4]:.2f}", f"{r[3] / t_grad:,.0f}",
-             f"{reference / r[3]:.0f}x" if reference and r[2] != "gradient pass (unit)" else "", r[5]] for r in rows], t_grad
+             f"{reference / r[3]:.0f}x" if reference and r[2] != "gradient pass (unit)" else "", r[5]]
+            for r in rows], t_grad
 
 
 def main():
@@ -150,7 +159,7 @@ def main():
     _timing.print_table(
         f"Dense curvature matrices, float64, batch {args.batch}, digits (1,200 examples; large: "
         f"{args.large_examples}); ratios of wall times",
-        ("model", "params", "what", "wall s", "CPU s", "/ gradient", "vs to_dense", "note"), rows)
+        ("model", "params", "what", "wall s", "CPU s", "/ gradient", "vs products", "note"), rows)
 
 
 if __name__ == "__main__":

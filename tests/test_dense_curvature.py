@@ -53,7 +53,8 @@ CASES = ("logistic", "mlp", "cnn", "two_input", "regularized", "embedding")
 def _pieces(model, loss, data, variables=None, l2=0.0, batch_size=8):
     objective = Objective(model, loss, l2=l2)
     selected = select_variables(model, variables)
-    return objective, tf_variables(selected), selected, ParameterSpace(selected), as_dataset(data, batch_size=batch_size)
+    dataset = as_dataset(data, batch_size=batch_size)
+    return objective, tf_variables(selected), selected, ParameterSpace(selected), dataset
 
 
 def _weights(rng, n):
@@ -203,7 +204,8 @@ def test_float32_model_matches_its_float64_copy(rng):
     results = {}
     for model, dtype in ((model32, "float32"), (model64, "float64")):
         objective, tf_vars, _, space, ds = _pieces(model, sce, (x.astype(dtype), y))
-        results[dtype] = (dense_hessian(objective, tf_vars, space, ds), dense_gauss_newton(objective, tf_vars, space, ds))
+        results[dtype] = (dense_hessian(objective, tf_vars, space, ds),
+                          dense_gauss_newton(objective, tf_vars, space, ds))
     for h32, h64 in zip(results["float32"], results["float64"]):
         assert h32.dtype == tf.float64   # float32 curvature, accumulated in float64
         assert relative_error(h32, h64) <= 1e-5

@@ -208,7 +208,9 @@ def _hessian_array(objective, tf_vars, space, dataset, chunk_size, memory_budget
         weight = tf.zeros([], tf.float64)
         # An iterator, not the dataset: see operators.HessianOperator._data_pass_fn.
         for x, y, w in iter(dataset):
-            loss = lambda: objective.weighted_loss_sum(x, y, w)  # noqa: B023
+            def loss(x=x, y=y, w=w):
+                return objective.weighted_loss_sum(x, y, w)
+
             total += tf.cast(_jacobian_of_gradient(loss, tf_vars, space, start, stop), dtype)
             weight += tf.reduce_sum(tf.cast(w, tf.float64))
         return total, weight
@@ -228,8 +230,8 @@ def _regularizer_array(objective, tf_vars, variables, space, chunk_size, memory_
 
     @tf.function(input_signature=[int_spec, int_spec])
     def rows(start, stop):
-        loss = lambda: objective.regularization(variables)
-        return tf.cast(_jacobian_of_gradient(loss, tf_vars, space, start, stop), dtype)
+        return tf.cast(_jacobian_of_gradient(lambda: objective.regularization(variables), tf_vars, space, start, stop),
+                       dtype)
 
     return _assemble_rows(lambda start, stop: (rows(start, stop), None), p, int(chunk_size), dtype)[0]
 
