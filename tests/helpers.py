@@ -38,7 +38,7 @@ def relative_error(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 
-def dense_hessian(model, loss_fn, x, y, w=None, *, variables=None, l2=0.0, gauss_newton=False):
+def dense_hessian(model, loss_fn, x, y, w=None, *, variables=None, l2=0.0):
     """Reference Hessian of the mean objective by nested GradientTape jacobians (all data at once).
 
     Independent of the library: weighted mean of per-example losses + model.losses + (l2/2)||θ||².
