@@ -10,7 +10,7 @@ import tensorflow as tf
 from tf_influence import arguments
 from tf_influence import distribute as _distribute
 from tf_influence.curvature import products as _products
-from tf_influence.data import first_batch
+from tf_influence.data import batch_spec, first_batch
 from tf_influence.errors import InputError, NotFiniteError, ResourceError, SecondDerivativeError
 from tf_influence.operators.minibatch import MinibatchCurvature
 from tf_influence.operators.rows import RowsOperator
@@ -106,12 +106,16 @@ class HessianOperator(RowsOperator):
                 warnings.warn(trap_message(traps, mode), stacklevel=2)
         # `data_pass(rows) -> (Σᵢ wᵢ Cᵢ rows, Σᵢ wᵢ)`: one compiled pass over the data (XLA cannot
         # compile dataset iteration, so only the per-batch product is jit-compiled).
-        self._batch_product = tf.function(self._batch_product_fn, jit_compile=jit_compile)
+        # Input signatures: one trace for every batch size and number of rows (no retracing).
+        rows_spec = tf.TensorSpec([None, problem.space.size], problem.space.dtype)
+        tangent_specs = [tf.TensorSpec([None, *shape], problem.space.dtype) for shape in problem.space.shapes]
+        self._batch_product = tf.function(self._batch_product_fn, jit_compile=jit_compile,
+                                          input_signature=[batch_spec(problem.dataset), tangent_specs])
         if problem.strategy is not None:
             self.data_pass = tf.function(self._distributed_data_pass_fn)
             self._gradient_pass = tf.function(self._distributed_gradient_pass_fn)
         else:
-            self.data_pass = tf.function(self._data_pass_fn)
+            self.data_pass = tf.function(self._data_pass_fn, input_signature=[rows_spec])
             self._gradient_pass = tf.function(self._gradient_pass_fn)
             if jit_compile and self.has_batch_products:
                 self._check_xla_compiles(first_batch(problem.dataset, "data"))

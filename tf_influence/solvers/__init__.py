@@ -6,6 +6,7 @@ carry settings and `prepare` the reusable state of a method (see `tf_influence.s
 `SOLVERS` maps names to them and `inverse_hvp` dispatches by name.
 """
 
+from tf_influence.solvers.block_cg import block_cg
 from tf_influence.solvers.cg import CG, cg
 from tf_influence.solvers.chain import Chain, chain_solve
 from tf_influence.solvers.direct import Direct, direct
@@ -28,6 +29,7 @@ __all__ = [
     "SOLVERS",
     "ScipyNCG",
     "SolveInfo",
+    "block_cg",
     "cg",
     "chain_solve",
     "direct",
