@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import relative_error
+from tests.helpers import relative_error
 from tests.normalization_twins import (batch_norm_twin, flat, group_norm_twin, layer_norm_twin, make_data,
                                        mse, products, split, twin_hessian)
-from tf_influence.hvp import forward_over_back
+from tf_influence.curvature.products import forward_over_back
 from tf_influence.normalization import exact_second_derivatives, inexact_layers, iter_layers
 
 

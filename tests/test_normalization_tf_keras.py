@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import relative_error
+from tests.helpers import relative_error
 from tests.normalization_twins import batch_norm_twin, layer_norm_twin, make_data, mse, products, twin_hessian
 from tf_influence.normalization import exact_second_derivatives, inexact_layers, iter_layers
 

@@ -14,6 +14,7 @@ The stages: a `Problem` (model, loss, data, variables) is validated once; the me
 once per model weights; scoring multiplies training gradients with the prepared test directions.
 """
 
+import dataclasses
 import hashlib
 import warnings
 
@@ -22,15 +23,18 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence import distribute as _distribute
-from tf_influence.errors import InputError
+from tf_influence.data import Fingerprint
+from tf_influence.errors import InputError, NotFiniteError
 from tf_influence.influence import gradients as _gradients
 from tf_influence.influence.topk import top_k as _top_k
 from tf_influence.operators.source import CurvatureSource
 from tf_influence.problem import Problem
 from tf_influence.solvers.dispatch import make_solver
+from tf_influence.solvers.info import SolveInfo
 from tf_influence.solvers.method import Prepared
 
 _SOLVE_CHUNK = 256
+_ZERO_COLUMNS_WARNING = 0.1  # fraction of training examples with all-zero scores that is warned about
 
 
 class Influence:
@@ -45,18 +49,24 @@ class Influence:
         or variables. `variables=model.layers[-1]` studies the last layer with the rest frozen.
       method: IHVP method name (`"direct"`, `"cg"`, `"lissa"`, `"scipy"`, `"ekfac"`, `"kfac"`,
         `"chain"`) or a method object such as `tfi.solvers.CG(tol=1e-8)`.
-      damping: λ ≥ 0; every method solves `(H + λI) x = b`.
+      damping: λ ≥ 0; every method solves `(H + λI) x = b`. None (default): chosen from the
+        curvature's spectrum, the smallest λ that makes `H + λI` positive definite with condition
+        ≤ ~100 (`tf_influence.operators.damping`); `damping_choice`, `SolveInfo.extra["damping"]`,
+        `["damping_source"]`, `["damping_reason"]` and the log say what was chosen and why.
       l2: extra `(l2/2)·‖θ‖²` in the objective (use the weight decay the model was trained with).
       curvature: `"hessian"` or `"gauss_newton"` (PSD; safer for non-convex models).
       batch_size: batch size for array data.
       mode: HVP mode (`"forward_over_back"`, `"back_over_back"`, `"finite_difference"`).
       training: `training` flag the model is called with.
-      progress: show progress bars on long loops.
+      progress: show progress bars on long loops (also the method's own, e.g. LiSSA's, unless its
+        `progress` option was set).
       strategy: a `tf.distribute.Strategy` that every data pass (curvature products, gradients,
         scores) splits its batches across, or None for the strategy whose `scope()` is active
         (single device outside every scope). Results equal the single-device ones.
       jit_compile: compile each batch's curvature product with XLA (see `HessianOperator`);
         on CPU this roughly halves the product time of CNNs with max pooling.
+      loss_weights: for per-output losses of a multi-output model (`loss` a dict or list), their
+        weights as in `model.compile(loss_weights=...)`.
       **method_options: options of the method (e.g. `tol`, `maxiter` for CG).
 
     Attributes:
@@ -73,12 +83,14 @@ class Influence:
       >>> top.harmful_indices[0]                         # the 5 most harmful for test point 0
     """
 
-    def __init__(self, model, loss, train, *, variables=None, method="cg", damping=0.0, l2=0.0,
+    def __init__(self, model, loss, train, *, variables=None, method="cg", damping=None, l2=0.0,
                  curvature="hessian", batch_size=None, mode="forward_over_back", training=False,
-                 progress=True, strategy=None, jit_compile=False, **method_options):
+                 progress=True, strategy=None, jit_compile=False, loss_weights=None, **method_options):
         self.solver = make_solver(method, **method_options)
+        if dataclasses.is_dataclass(self.solver) and getattr(self.solver, "progress", False) is None:
+            self.solver = dataclasses.replace(self.solver, progress=bool(progress))  # the method's own not set
         self.problem = Problem(model, loss, train, variables, l2=l2, training=training, batch_size=batch_size,
-                               strategy=strategy, name="train")
+                               strategy=strategy, loss_weights=loss_weights, name="train")
         self.source = CurvatureSource(self.problem, damping=damping, curvature=curvature, mode=mode,
                                       jit_compile=jit_compile)
         self.model = model
@@ -99,7 +111,16 @@ class Influence:
 
     @property
     def damping(self):
+        """λ. With `damping=None` it is chosen when the method is prepared (reading it prepares the method)."""
+        if self.source.damping_choice is None:
+            self.prepared()
         return self.source.damping
+
+    @property
+    def damping_choice(self):
+        """The `DampingChoice` (value, source "given"/"lanczos"/"factors", reason); prepares the method if needed."""
+        _ = self.damping  # resolves it
+        return self.source.damping_choice
 
     @property
     def strategy(self):
@@ -142,6 +163,9 @@ class Influence:
         """`(H + λI)⁻¹` on rows `[k, p]` with the prepared method; sets `last_solve_info`."""
         rows = tf.convert_to_tensor(rows, self.space.dtype)
         solution, info = self.prepared().solve(rows)
+        choice = self.source.damping_choice
+        if choice is not None and isinstance(info, SolveInfo):
+            info = dataclasses.replace(info, extra={**info.extra, **choice.report()})
         self.last_solve_info = info
         return solution
 
@@ -173,9 +197,12 @@ class Influence:
     def scores(self, test):
         """`[n_test, n_train]` influence scores `∇ℓ(z_test)ᵀ (H + λI)⁻¹ ∇ℓ(zᵢ)`; positive = helpful."""
         directions = tf.constant(self.test_inverse_hvps(test), self.space.dtype)
-        columns = [self.gradient_dots(batch, directions).numpy()
-                   for batch in self._progress(self.problem.dataset, "scoring")]
-        return np.concatenate(columns, axis=0).T
+        seen, columns = Fingerprint(), []
+        for batch in self._progress(self.problem.dataset, "scoring"):
+            seen.update(batch)
+            columns.append(self.gradient_dots(batch, directions).numpy())
+        self.problem.check_data_unchanged(seen)
+        return check_scores(np.concatenate(columns, axis=0).T)
 
     def predicted_loss_change(self, test):
         """`[n_test, n_train]`: predicted change of each test loss if that training point is removed.
@@ -232,7 +259,11 @@ class Influence:
         return solution * (weights[indices] / weights.sum())[:, np.newaxis]
 
     def check_weights(self):
-        """Drops cached solutions and prepared state (with a warning) if the model's weights changed."""
+        """Drops cached solutions and prepared state (with a warning) if the model's weights changed.
+
+        The other inputs are fixed when the Influence is built; every full pass of `scores` also checks
+        that the training data still are those of the first pass (`Problem.check_data_unchanged`).
+        """
         fingerprint = self.problem.fingerprint()
         if fingerprint != self._fingerprint:
             warnings.warn("The model's weights changed since the inverse-HVPs were cached; recomputing.",
@@ -261,6 +292,25 @@ class Influence:
         for step, batch in enumerate(dataset):
             yield batch
             bar.update(step + 1)
+
+
+def check_scores(scores):
+    """`scores` `[n_test, n_train]` after checks: NaN/Inf is an error; many all-zero columns are warned about."""
+    finite = np.isfinite(scores)
+    if not finite.all():
+        columns = np.flatnonzero(~finite.all(axis=0))
+        raise NotFiniteError(
+            f"{int((~finite).sum())} influence scores are NaN/Inf (training examples {columns[:10].tolist()}"
+            f"{' ...' if len(columns) > 10 else ''}): their loss or gradient overflowed. Check those examples, the "
+            "model's weights (very large weights saturate and overflow the loss), or compute in float64.")
+    zero = np.all(scores == 0, axis=0)
+    if scores.shape[0] and zero.mean() >= _ZERO_COLUMNS_WARNING:
+        warnings.warn(
+            f"{int(zero.sum())} of {scores.shape[1]} training examples have a score of exactly 0 for every test "
+            "point: their loss gradients are 0. With a cross-entropy loss this means saturated outputs (the "
+            "probabilities round to 1, e.g. from very large weights), whose influence is lost to rounding; check "
+            "the model, or compute in float64.", stacklevel=3)
+    return scores
 
 
 def _example_keys(batch):
