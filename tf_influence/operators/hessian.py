@@ -177,6 +177,7 @@ class HessianOperator(RowsOperator):
             result = self._finite_difference(rows)
         else:
             total, weight = self.data_pass(rows)
+            total = tf.ensure_shape(total, rows.shape)  # the pass is traced for any number of rows
             result = total / tf.cast(weight, self.dtype) + self._regularizer_product(rows)
         result = result + self.damping * rows
         if tf.executing_eagerly() and not bool(tf.reduce_all(tf.math.is_finite(result))):
@@ -222,7 +223,7 @@ class HessianOperator(RowsOperator):
         if self.problem.strategy is not None:
             total = _distribute.batch_sum(self.problem.strategy, self._shard_product, batch, rows)
         else:
-            total = self._batch_product(batch, self.space.unflatten(rows))
+            total = tf.ensure_shape(self._batch_product(batch, self.space.unflatten(rows)), rows.shape)
         weight = tf.cast(tf.reduce_sum(batch[2]), self.dtype)
         return total / weight + self._regularizer_product(rows)
 

@@ -83,16 +83,25 @@ def block_cg(operator, b, *, x0=None, tol=1e-6, maxiter=None, preconditioner=Non
 
 def _search_block(z, active, m):
     """`[m, p]` orthonormal rows spanning the rows of `z` `[k, p]` of the active right-hand sides,
-    and a `[m]` mask of the rows kept: a direction (almost) in the span of the earlier ones (a
-    repeated right-hand side, a converged one) is dropped (its row set to zero), so that every kept
-    direction is genuinely new."""
+    and a `[m]` mask of the rows kept.
+
+    Rank-revealing through the eigendecomposition of the Gram matrix of the unit-normalised rows
+    (`U S Uᵀ = Ẑ Ẑᵀ`, `P = S^{-1/2} Uᵀ Ẑ`): the directions with a relative singular value below
+    `eps^{1/3}` (a repeated right-hand side, a converged one, a rank-deficient block) are dropped
+    (their rows set to zero), whatever their position in the block. A QR factorisation without
+    pivoting cannot do that: the column after a dropped one keeps a part along the dropped one's
+    direction, which then leaves the search space and CG stagnates.
+    """
     z = tf.where(active[:, None], z, tf.zeros_like(z))
     norms = tf.norm(z, axis=-1, keepdims=True)
-    unit = z / tf.where(norms > 0, norms, tf.ones_like(norms))  # QR without pivoting: compare like with like
-    q, r = tf.linalg.qr(tf.transpose(unit))
-    rank_tol = tf.constant(np.finfo(z.dtype.as_numpy_dtype).eps ** 0.5, z.dtype)
-    keep = tf.abs(tf.linalg.diag_part(r)[:m]) > rank_tol
-    return tf.where(keep[:, None], tf.transpose(q[:, :m]), tf.zeros_like(tf.transpose(q[:, :m]))), keep
+    unit = z / tf.where(norms > 0, norms, tf.ones_like(norms))  # compare like with like
+    gram = tf.matmul(unit, unit, transpose_b=True)
+    values, vectors = tf.linalg.eigh(0.5 * (gram + tf.transpose(gram)))
+    values, vectors = values[-m:], vectors[:, -m:]  # the m largest (m = min(k, p) ≥ the rank)
+    eps = np.finfo(z.dtype.as_numpy_dtype).eps
+    keep = values > tf.constant(eps ** (2 / 3), z.dtype) * tf.maximum(values[-1], tf.constant(1.0, z.dtype))
+    scale = tf.where(keep, tf.math.rsqrt(tf.where(keep, values, tf.ones_like(values))), tf.zeros_like(values))
+    return tf.matmul(vectors * scale, unit, transpose_a=True), keep
 
 
 def _masked(rows, active):
