@@ -22,10 +22,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_influence import distribute as _distribute
 from tf_influence.data import Fingerprint
 from tf_influence.errors import InputError, NotFiniteError
-from tf_influence.influence import gradients as _gradients
+from tf_influence.influence.batch_functions import BatchFunctions
 from tf_influence.influence.topk import top_k as _top_k
 from tf_influence.operators.source import CurvatureSource
 from tf_influence.problem import Problem
@@ -99,8 +98,9 @@ class Influence:
         self.method = self.solver.name
         self.progress = progress
         self.last_solve_info = None
-        self.gradients = self._compiled(_gradients.per_example_gradients)
-        self.gradient_dots = self._compiled(_gradients.gradient_dot)
+        self.batch_functions = BatchFunctions(self.problem)  # compiled once, reused by every call
+        self.gradients = self.batch_functions.gradients
+        self.gradient_dots = self.batch_functions.gradient_dots
         self._prepared = None
         self._cache = {}
         self._fingerprint = self.problem.fingerprint()
@@ -272,18 +272,6 @@ class Influence:
         return fingerprint
 
     # -- Internals ------------------------------------------------------------------------------
-
-    def _compiled(self, fn):
-        """`fn(objective, tf_vars, space, batch, *args)` over one batch, compiled, split across replicas."""
-        problem = self.problem
-
-        def per_batch(batch, *args):
-            return fn(problem.objective, problem.tf_variables, problem.space, batch, *args)
-
-        if problem.strategy is None:
-            return tf.function(per_batch, reduce_retracing=True)
-        return tf.function(lambda batch, *args: _distribute.batch_rows(problem.strategy, per_batch, batch, *args),
-                           reduce_retracing=True)
 
     def _progress(self, dataset, label):
         cardinality = int(dataset.cardinality())

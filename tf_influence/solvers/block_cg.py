@@ -19,8 +19,8 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence.operators.rows import matmul_rows
-from tf_influence.solvers.cg_common import (NEGATIVE_CURVATURE, NOT_FINITE, OK, PRECONDITIONER_NOT_PD, check_arguments,
-                                     first_bad, raise_for_flag, solve_info)
+from tf_influence.solvers.cg_common import (NEGATIVE_CURVATURE, NOT_FINITE, OK, PRECONDITIONER_NOT_PD,
+                                            check_arguments, first_bad, loop_signature, raise_for_flag, solve_info)
 from tf_influence.solvers.rows import compiled, row_dot
 
 
@@ -97,7 +97,8 @@ def _search_block(z, active, m):
     unit = z / tf.where(norms > 0, norms, tf.ones_like(norms))  # compare like with like
     gram = tf.matmul(unit, unit, transpose_b=True)
     values, vectors = tf.linalg.eigh(0.5 * (gram + tf.transpose(gram)))
-    values, vectors = values[-m:], vectors[:, -m:]  # the m largest (m = min(k, p) ≥ the rank)
+    k = tf.shape(values)[0]
+    values, vectors = values[k - m:], vectors[:, k - m:]  # the m largest (m = min(k, p) ≥ the rank)
     eps = np.finfo(z.dtype.as_numpy_dtype).eps
     keep = values > tf.constant(eps ** (2 / 3), z.dtype) * tf.maximum(values[-1], tf.constant(1.0, z.dtype))
     scale = tf.where(keep, tf.math.rsqrt(tf.where(keep, values, tf.ones_like(values))), tf.zeros_like(values))
@@ -116,8 +117,8 @@ def _build_loop(op_ref, m_ref, jit_compile, has_x0):
         operator, preconditioner = op_ref(), m_ref()
         A = lambda v: matmul_rows(operator, v)  # noqa: E731
         M = (lambda r: matmul_rows(preconditioner, r)) if preconditioner is not None else tf.identity  # noqa: E731
-        k, p = b.shape[0], b.shape[1]
-        m = min(k, p)
+        k = tf.shape(b)[0]  # dynamic: one trace for every number of right-hand sides
+        m = tf.minimum(k, b.shape[1])
         zero = tf.zeros([], b.dtype)
         threshold = tol * tf.norm(b, axis=-1)
         r = b - A(x0) if has_x0 else b
@@ -171,5 +172,6 @@ def _build_loop(op_ref, m_ref, jit_compile, has_x0):
         return (state["x"], state["r_norm"], state["iters"], state["i"], state["flag"], state["bad_value"],
                 state["bad_row"])
 
-    return tf.function(loop, jit_compile=bool(jit_compile), reduce_retracing=False, autograph=False)
+    return tf.function(loop, jit_compile=bool(jit_compile), autograph=False,
+                       input_signature=loop_signature(op_ref()))
 

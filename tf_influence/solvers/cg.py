@@ -11,7 +11,7 @@ from tf_influence import arguments
 from tf_influence.operators.rows import matmul_rows
 from tf_influence.solvers.block_cg import block_cg
 from tf_influence.solvers.cg_common import (NEGATIVE_CURVATURE, NOT_FINITE, OK, PRECONDITIONER_NOT_PD,
-                                            check_arguments, first_bad, raise_for_flag, solve_info)
+                                            check_arguments, first_bad, loop_signature, raise_for_flag, solve_info)
 from tf_influence.solvers.method import Method, Prepared
 from tf_influence.solvers.rows import compiled, row_dot
 
@@ -134,7 +134,8 @@ def _build_loop(op_ref, m_ref, jit_compile, has_x0):
         return (state["x"], state["r_norm"], state["iters"], state["i"], state["flag"],
                 state["bad_value"], state["bad_row"])
 
-    return tf.function(loop, jit_compile=bool(jit_compile), reduce_retracing=False, autograph=False)
+    return tf.function(loop, jit_compile=bool(jit_compile), autograph=False,
+                       input_signature=loop_signature(op_ref()))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,6 +68,12 @@ def check_arguments(operator, b, x0, tol, maxiter, preconditioner, jit_compile, 
     return rows, single, x0_rows, tol, maxiter
 
 
+def loop_signature(operator):
+    """The input signature of a compiled CG loop `(b, x0, tol, maxiter)`: any number of rows, one trace."""
+    rows = tf.TensorSpec([None, operator_size(operator)], operator.dtype)
+    return [rows, rows, tf.TensorSpec([], operator.dtype), tf.TensorSpec([], tf.int32)]
+
+
 def solve_info(name, rows, r_norm, iters_per_rhs, iterations, tol, maxiter, operator, preconditioner, start,
                **extra):
     """The `SolveInfo` of a CG-type solve (warns when some right-hand side did not converge)."""
