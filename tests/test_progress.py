@@ -12,9 +12,9 @@ def test_lissa_progress_follows_the_influence_unless_set(float64, rng, capsys):
     x, y = models.classification_data(rng, n=16)
     model = models.mlp()
 
-    def influence(progress, **lissa_options):
+    def influence(shown_by_influence, **lissa_options):
         method = tfi.solvers.LiSSA(recursion_depth=4, batch_size=None, scale=10.0, **lissa_options)
-        return tfi.Influence(model, sce, (x, y), method=method, damping=0.5, progress=progress)
+        return tfi.Influence(model, sce, (x, y), method=method, damping=0.5, progress=shown_by_influence)
 
     assert influence(True).solver.progress is True and influence(True, progress=False).solver.progress is False
     for inf, shown in ((influence(False), False), (influence(False, progress=True), True)):

@@ -13,7 +13,7 @@ import hashlib
 import numpy as np
 import tensorflow as tf
 
-from tf_influence.data import Fingerprint, as_dataset, first_batch
+from tf_influence.data import as_dataset, first_batch
 from tf_influence.data import fingerprint as data_fingerprint
 from tf_influence.distribute import resolve_strategy
 from tf_influence.errors import InputError

@@ -2,13 +2,16 @@
 
 Signatures (inputs `x`, `y` shaped like one batch of the training data, any batch size):
 
-  influence(x, y)        -> scores [batch, n_train] (= `Influence.scores`), predictions
+  influence(x, y)        -> scores [batch, n_train] (= `Influence.scores`), predictions, and
+                            measurement [batch] when the Influence has a measurement (margin, ...)
   top_k(x, y, k)         -> helpful_indices, helpful_scores, harmful_indices, harmful_scores [batch, k]
   self_influence(x, y)   -> scores [batch]: g(x, y)ᵀ (H + λI)⁻¹ g(x, y), for screening new data
   serving_default(x)     -> predictions
 
 Every signature computes the per-example loss gradients `g` of its batch in the graph, from the
-stored model, and multiplies them by stored matrices. What is stored (`store=`), all as
+stored model, and multiplies them by stored matrices. With a measurement m (`Influence(measurement=
+...)`), `influence` and `top_k` take the test gradients of `σ·m` instead (the measurement is traced
+into the graph; `self_influence` stays that of the loss). What is stored (`store=`), all as
 `tf.Variable`s (never graph constants), with p selected parameters and n training examples:
 
   ============== ============================================ ========================= ================
@@ -154,7 +157,7 @@ class _InfluenceModule(tf.Module):
             with tf.control_dependencies(checks):  # everything computed from x runs after the checks
                 return tf.identity(x)
 
-        def gradients(x, y):
+        def gradients(x, y, objective=objective):
             checks = [_assert_shape(y, y_spec), tf.debugging.assert_equal(
                 tf.shape(x)[0], tf.shape(y)[0], message="x and y must hold the same number of examples")]
             if classes is not None:
@@ -170,13 +173,16 @@ class _InfluenceModule(tf.Module):
             return precondition(self.stored, store, layers, space.sizes, g, dtype)
 
         def scores(x, y):
-            g = gradients(x, y)
+            g = gradients(x, y, influence.test_objective)
             if store == "preconditioned":
                 return tf.matmul(g, self.stored["preconditioned"], transpose_b=True)
             return tf.matmul(preconditioned(g), self.stored["train_gradients"], transpose_b=True)
 
         def influence_fn(x, y):
-            return {"scores": scores(x, y), "predictions": objective.outputs(validated_x(x))}
+            result = {"scores": scores(x, y), "predictions": objective.outputs(validated_x(x))}
+            if not influence.measurement.is_loss:
+                result["measurement"] = influence.measurement(y, result["predictions"])
+            return result
 
         def top_k_fn(x, y, k):
             with tf.control_dependencies([
@@ -250,5 +256,9 @@ def _settings(influence, store, x_spec, y_spec, n_train):
         "parameters": influence.space.size, "n_train": n_train,
         "x": {"shape": x_spec.shape.as_list(), "dtype": x_spec.dtype.name},
         "y": {"shape": y_spec.shape.as_list(), "dtype": y_spec.dtype.name},
-        "sign": "positive score = the training example helped (removal raises the test loss by score/n)",
+        "measurement": influence.measurement.name, "higher_is_better": influence.measurement.higher_is_better,
+        "sign": ("positive score = the training example helped (removal raises the test loss by score/n)"
+                 if influence.measurement.is_loss else
+                 f"positive score = the training example helped: removal changes {influence.measurement.name} by "
+                 f"{'-' if influence.measurement.higher_is_better else '+'}score/n"),
     }

@@ -42,6 +42,8 @@ class BatchFunctions:
     Args:
       problem: the `tfi.Problem` (objective, selected variables, space, strategy).
       memory_budget: bytes of per-example gradients the gradients route forms at once.
+      objective: the per-example objective differentiated (default `problem.objective`; e.g. a
+        measurement of the test points).
 
     Attributes:
       traces: how many traces each function made (`{"gradients": n, ...}`), for tests and profiling.
@@ -51,8 +53,9 @@ class BatchFunctions:
       >>> fns.gradient_dots(batch, directions)     # [m, k]
     """
 
-    def __init__(self, problem, *, memory_budget=DEFAULT_MEMORY_BUDGET):
+    def __init__(self, problem, *, memory_budget=DEFAULT_MEMORY_BUDGET, objective=None):
         self.problem = problem
+        self.objective = objective if objective is not None else problem.objective
         self.memory_budget = memory_budget
         self.traces = {"gradients": 0, "forward_dots": 0, "gradient_dots": 0}
         self._functions = {}
@@ -89,7 +92,7 @@ class BatchFunctions:
 
         def per_batch(batch, *args):
             self.traces[name] += 1  # Python side effect: runs once per trace
-            return body(problem.objective, problem.tf_variables, problem.space, batch, *args)
+            return body(self.objective, problem.tf_variables, problem.space, batch, *args)
 
         signature = [spec]
         if name != "gradients":

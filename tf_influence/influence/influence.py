@@ -22,9 +22,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_influence.data import Fingerprint
+from tf_influence.data import Fingerprint, first_batch
 from tf_influence.errors import InputError, NotFiniteError
+from tf_influence.influence import group as _group
+from tf_influence.influence import per_layer as _per_layer
 from tf_influence.influence.batch_functions import BatchFunctions
+from tf_influence.influence.measurements import MeasuredObjective, resolve_measurement
 from tf_influence.influence.topk import top_k as _top_k
 from tf_influence.operators.source import CurvatureSource
 from tf_influence.problem import Problem
@@ -66,6 +69,9 @@ class Influence:
         on CPU this roughly halves the product time of CNNs with max pooling.
       loss_weights: for per-output losses of a multi-output model (`loss` a dict or list), their
         weights as in `model.compile(loss_weights=...)`.
+      measurement: what is attributed on the test side: None (the loss), "margin", "logit",
+        "probability", an output name, a `tfi.Measurement` or a function `fn(y_true, y_pred) ->
+        [batch]` (see `tf_influence.influence.measurements`). Positive scores mean helpful either way.
       **method_options: options of the method (e.g. `tol`, `maxiter` for CG).
 
     Attributes:
@@ -84,7 +90,8 @@ class Influence:
 
     def __init__(self, model, loss, train, *, variables=None, method="cg", damping=None, l2=0.0,
                  curvature="hessian", batch_size=None, mode="forward_over_back", training=False,
-                 progress=True, strategy=None, jit_compile=False, loss_weights=None, **method_options):
+                 progress=True, strategy=None, jit_compile=False, loss_weights=None, measurement=None,
+                 **method_options):
         self.solver = make_solver(method, **method_options)
         if dataclasses.is_dataclass(self.solver) and getattr(self.solver, "progress", False) is None:
             self.solver = dataclasses.replace(self.solver, progress=bool(progress))  # the method's own not set
@@ -101,6 +108,11 @@ class Influence:
         self.batch_functions = BatchFunctions(self.problem)  # compiled once, reused by every call
         self.gradients = self.batch_functions.gradients
         self.gradient_dots = self.batch_functions.gradient_dots
+        self.measurement = resolve_measurement(measurement, self.objective)
+        self.test_objective = (self.objective if self.measurement.is_loss
+                               else MeasuredObjective(self.objective, self.measurement))
+        self.test_gradients = (self.gradients if self.measurement.is_loss
+                               else BatchFunctions(self.problem, objective=self.test_objective).gradients)
         self._prepared = None
         self._cache = {}
         self._fingerprint = self.problem.fingerprint()
@@ -171,10 +183,16 @@ class Influence:
 
     def test_dataset(self, test):
         """`test` as a validated dataset of `(x, y, w)` batches, batched like the training data."""
-        return self.problem.batched(test, "test")
+        dataset = self.problem.batched(test, "test")
+        if not self.measurement.is_loss:
+            self.test_objective.validate(first_batch(dataset, "test"), "test")
+        return dataset
 
     def test_inverse_hvps(self, test):
-        """`[n_test, p]`: `(H + λI)⁻¹ ∇ℓ(z_test)` for each test example, computed once and cached."""
+        """`[n_test, p]`: `(H + λI)⁻¹ ∇ℓ(z_test)` for each test example, computed once and cached.
+
+        With a measurement m, `∇ℓ(z_test)` is `σ·∇m(z_test)` (σ = −1 when higher m is better).
+        """
         self.check_weights()
         keys, gradients = [], []
         for batch in self.test_dataset(test):
@@ -182,7 +200,7 @@ class Influence:
             keys.extend(batch_keys)
             missing = [i for i, key in enumerate(batch_keys) if key not in self._cache]
             if missing:
-                grads = self.gradients(batch).numpy()
+                grads = self.test_gradients(batch).numpy()
                 gradients.extend((batch_keys[i], grads[i]) for i in missing)
         pending = {}
         for key, grad in gradients:
@@ -204,13 +222,37 @@ class Influence:
         self.problem.check_data_unchanged(seen)
         return check_scores(np.concatenate(columns, axis=0).T)
 
+    def predicted_change(self, test):
+        """`[n_test, n_train]`: predicted change of each test measurement (default: the loss) if that
+        training point is removed: `σ · scores · wᵢ / Σw` (`scores / n_train` for the loss, unweighted).
+        """
+        weights = self.problem.weights()
+        return self.measurement.orientation * self.scores(test) * (weights / weights.sum())[np.newaxis, :]
+
     def predicted_loss_change(self, test):
         """`[n_test, n_train]`: predicted change of each test loss if that training point is removed.
 
         Equals `scores / n_train` without sample weights (`scores · wᵢ / Σw` with them).
         """
-        weights = self.problem.weights()
-        return self.scores(test) * (weights / weights.sum())[np.newaxis, :]
+        if not self.measurement.is_loss:
+            raise InputError(f"This Influence measures {self.measurement.name!r}, not the loss; use "
+                             "predicted_change(test) for the predicted change of the measurement.")
+        return self.predicted_change(test)
+
+    def layer_scores(self, test):
+        """`{layer name: [n_test, n_train]}`: `scores(test)` split by layer; the parts sum to the scores.
+
+        See `tf_influence.influence.per_layer` for what each part means for each method.
+        """
+        return _per_layer.layer_scores(self, test)
+
+    def group_influence(self, test, groups, *, order=2):
+        """Predicted change of each test measurement when each group of training examples is removed.
+
+        First order (the sum of the individual predicted changes) and, with `order=2`, Basu et al.'s
+        second-order group influence; a `GroupInfluence` (see `tf_influence.influence.group`).
+        """
+        return _group.group_influence(self, test, groups, order=order)
 
     def top_k(self, test, k):
         """The `k` most helpful and most harmful training examples for each test example (a `TopK`)."""

@@ -43,7 +43,8 @@ def score_to_file(influence, test, path, *, resume=True, progress=None):
       progress: show a progress bar with an ETA (default: `influence.progress`).
 
     Returns:
-      The scores as a read-only `np.memmap` `[n_test, n_train]` (positive = helpful).
+      The scores as a read-only `np.memmap` `[n_test, n_train]` (positive = helpful), of the
+      Influence's measurement (the loss by default).
 
     Example:
       >>> scores = tfi.score_to_file(inf, (x_test, y_test), "scores.npy")   # Ctrl-C, then again:
@@ -119,6 +120,7 @@ def _fingerprints(influence, test_dataset):
     """Hashes of everything the scores depend on, by name (the names appear in the refusal message)."""
     source = influence.source
     settings = (influence.method, repr(influence.solver), repr(source.requested_damping), source.curvature,
+                repr(influence.measurement),
                 repr(sorted(source.hessian_options.items())), influence.problem.settings_fingerprint())
     return {
         "model weights": influence.check_weights(),  # (also refreshes stale caches)
