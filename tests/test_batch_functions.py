@@ -64,4 +64,4 @@ def test_readme_paths_never_retrace():
     assert result.returncode == 0, result.stderr[-4000:]
     lines = result.stdout.splitlines()
     assert not [line for line in lines if line.startswith("RETRACING")], result.stdout
-    assert "TRACES {'gradients': 1, 'forward_dots': 1, 'gradient_dots': 1}" in lines, result.stdout
+    assert "TRACES {'gradients': 1, 'forward_dots': 1}" in lines, result.stdout

@@ -46,7 +46,8 @@ class BatchFunctions:
         measurement of the test points).
 
     Attributes:
-      traces: how many traces each function made (`{"gradients": n, ...}`), for tests and profiling.
+      traces: how many traces each function made (`{"gradients": n, "forward_dots": n}`), for tests
+        and profiling.
 
     Example:
       >>> fns = BatchFunctions(problem)
@@ -57,7 +58,7 @@ class BatchFunctions:
         self.problem = problem
         self.objective = objective if objective is not None else problem.objective
         self.memory_budget = memory_budget
-        self.traces = {"gradients": 0, "forward_dots": 0, "gradient_dots": 0}
+        self.traces = {"gradients": 0, "forward_dots": 0}
         self._functions = {}
 
     def gradients(self, batch):
@@ -69,13 +70,12 @@ class BatchFunctions:
         directions = tf.convert_to_tensor(directions, self.problem.space.dtype)
         if dot_route(int(directions.shape[0])) == "forward":
             return self._function("forward_dots", batch)(batch, directions)
-        fn = self._function("gradient_dots", batch)
+        # The traced per-example gradients (shared with `gradients`: one trace) times all directions.
+        fn = self._function("gradients", batch)
         m = int(tf.nest.flatten(batch)[0].shape[0])
         step = max(1, self.memory_budget // (self.problem.space.size * self.problem.space.dtype.size))
-        if m <= step:
-            return fn(batch, directions)
-        return tf.concat([fn(tf.nest.map_structure(lambda t: t[start:start + step], batch), directions)
-                          for start in range(0, m, step)], axis=0)
+        return tf.concat([tf.matmul(fn(tf.nest.map_structure(lambda t: t[start:start + step], batch)), directions,
+                                    transpose_b=True) for start in range(0, m, step)], axis=0)
 
     def _function(self, name, batch):
         spec = relaxed_spec(batch)
@@ -86,9 +86,7 @@ class BatchFunctions:
 
     def _compile(self, name, spec):
         problem = self.problem
-        body = {"gradients": _gradients.per_example_gradients,
-                "forward_dots": _gradients.gradient_dot,
-                "gradient_dots": _gradients.gradient_dot_by_gradients}[name]
+        body = {"gradients": _gradients.per_example_gradients, "forward_dots": _gradients.gradient_dot}[name]
 
         def per_batch(batch, *args):
             self.traces[name] += 1  # Python side effect: runs once per trace

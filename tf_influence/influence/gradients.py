@@ -2,8 +2,8 @@
 
 `⟨gᵢ, s⟩` for every example i of a batch is either one forward-mode pass per direction s (the jvp
 of the vector of per-example losses along s: `gradient_dot`, never materialising the `[batch, p]`
-per-example gradients) or the per-example gradients times all directions in one matrix product
-(`gradient_dot_by_gradients`). `influence.batch_functions` chooses between them by cost.
+per-example gradients) or the per-example gradients (`per_example_gradients`) times all directions
+in one matrix product. `influence.batch_functions` chooses between them by cost.
 """
 
 import tensorflow as tf
@@ -25,11 +25,6 @@ def per_example_gradients(objective, tf_vars, space, batch):
         losses = per_example_losses(objective, batch)
     jac = tape.jacobian(losses, tf_vars, unconnected_gradients=_ZERO)
     return space.flatten([densify(j) for j in jac], batch_dims=1)
-
-
-def gradient_dot_by_gradients(objective, tf_vars, space, batch, directions):
-    """`[batch, k]`: `⟨gᵢ, sⱼ⟩` as one product of the per-example gradients with all directions `[k, p]`."""
-    return tf.matmul(per_example_gradients(objective, tf_vars, space, batch), directions, transpose_b=True)
 
 
 def gradient_dot(objective, tf_vars, space, batch, directions):
