@@ -156,6 +156,7 @@ class CG(Method):
     jit_compile: bool = False
     block: bool = True
     name: typing.ClassVar[str] = "cg"
+    iterative: typing.ClassVar[bool] = True
 
     def __post_init__(self):
         arguments.positive_float(self.tol, "tol", owner="CG")
