@@ -120,16 +120,20 @@ class HessianOperator(RowsOperator):
                 warnings.warn(trap_message(traps, mode), stacklevel=2)
         # `data_pass(rows) -> (Σᵢ wᵢ Cᵢ rows, Σᵢ wᵢ)`: one compiled pass over the data (XLA cannot
         # compile dataset iteration, so only the per-batch product is jit-compiled).
-        # Input signatures: one trace for every batch size and number of rows (no retracing).
-        rows_spec = tf.TensorSpec([None, problem.space.size], problem.space.dtype)
-        tangent_specs = [tf.TensorSpec([None, *shape], problem.space.dtype) for shape in problem.space.shapes]
-        self._batch_product = tf.function(self._batch_product_fn, jit_compile=jit_compile,
-                                          input_signature=[batch_spec(problem.dataset), tangent_specs])
+        # Input signatures: one trace for every batch size and number of rows (no retracing); one row
+        # has its own (unvectorised) trace, made only when used: same rounding as a plain product.
+        self._batch_products = {
+            k: tf.function(self._batch_product_fn, jit_compile=jit_compile, input_signature=[
+                batch_spec(problem.dataset),
+                [tf.TensorSpec([k, *shape], problem.space.dtype) for shape in problem.space.shapes]])
+            for k in (1, None)}
         if problem.strategy is not None:
             self.data_pass = tf.function(self._distributed_data_pass_fn)
             self._gradient_pass = tf.function(self._distributed_gradient_pass_fn)
         else:
-            self.data_pass = tf.function(self._data_pass_fn, input_signature=[rows_spec])
+            passes = {k: tf.function(self._data_pass_fn, input_signature=[
+                tf.TensorSpec([k, problem.space.size], problem.space.dtype)]) for k in (1, None)}
+            self.data_pass = lambda rows: passes[1 if rows.shape[0] == 1 else None](rows)
             self._gradient_pass = tf.function(self._gradient_pass_fn)
             if jit_compile and self.has_batch_products:
                 self._check_xla_compiles(first_batch(problem.dataset, "data"))
@@ -249,6 +253,9 @@ class HessianOperator(RowsOperator):
                 "no float64 MaxPoolGradGrad, which second derivatives through max pooling need). Use "
                 "jit_compile=False, or a float32 model."
             ) from None
+
+    def _batch_product(self, batch, tangents):
+        return self._batch_products[1 if tangents[0].shape[0] == 1 else None](batch, tangents)
 
     def _data_pass_fn(self, rows):
         tangents = self.space.unflatten(rows)
