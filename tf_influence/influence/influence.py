@@ -277,15 +277,24 @@ class Influence:
         return _top_k(self.scores(test), k)
 
     def self_influence(self):
-        """`[n_train]`: `∇ℓ(zᵢ)ᵀ (H + λI)⁻¹ ∇ℓ(zᵢ)` — large for atypical or mislabeled examples."""
+        """`[n_train]`: `∇ℓ(zᵢ)ᵀ (H + λI)⁻¹ ∇ℓ(zᵢ)` — large for atypical or mislabeled examples.
+
+        With a factorised exact method (`direct`) these are the squared norms of `L⁻¹∇ℓ(zᵢ)`, one
+        triangular solve per batch of training gradients; other methods solve for every example.
+        """
         self.check_weights()
+        prepared = self.prepared()
+        forms = getattr(prepared, "quadratic_forms", None)  # a factorised exact route: no solves
         batches = int(self.problem.dataset.cardinality())
-        announcer = SolveAnnouncer(self.source, self.prepared().method, self.n_train, batches=max(batches, 1))
+        announcer = SolveAnnouncer(self.source, prepared.method, self.n_train, batches=max(batches, 1))
         values = []
         for batch in self._progress(self.problem.dataset, "self-influence"):
             grads = self.gradients(batch)
-            solution = self.solve(grads)
-            values.append(tf.reduce_sum(grads * solution, axis=1).numpy())
+            if forms is not None:
+                values.append(np.asarray(forms(grads), self.space.dtype.as_numpy_dtype))
+            else:
+                solution = self.solve(grads)
+                values.append(tf.reduce_sum(grads * solution, axis=1).numpy())
             announcer.batch_done()
         return np.concatenate(values)
 
