@@ -22,12 +22,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_influence import distribute as _distribute
 from tf_influence.data import Fingerprint, first_batch
 from tf_influence.errors import InputError, NotFiniteError
-from tf_influence.influence import gradients as _gradients
 from tf_influence.influence import group as _group
 from tf_influence.influence import per_layer as _per_layer
+from tf_influence.influence.batch_functions import BatchFunctions
 from tf_influence.influence.measurements import MeasuredObjective, resolve_measurement
 from tf_influence.influence.topk import top_k as _top_k
 from tf_influence.operators.source import CurvatureSource
@@ -108,12 +107,14 @@ class Influence:
         self.method = self.solver.name
         self.progress = progress
         self.last_solve_info = None
-        self.gradients = self._compiled(_gradients.per_example_gradients)
-        self.gradient_dots = self._compiled(_gradients.gradient_dot)
+        self.batch_functions = BatchFunctions(self.problem)  # compiled once, reused by every call
+        self.gradients = self.batch_functions.gradients
+        self.gradient_dots = self.batch_functions.gradient_dots
         self.measurement = resolve_measurement(measurement, self.objective)
         self.test_objective = (self.objective if self.measurement.is_loss
                                else MeasuredObjective(self.objective, self.measurement))
-        self.test_gradients = self._compiled(_gradients.per_example_gradients, self.test_objective)
+        self.test_gradients = (self.gradients if self.measurement.is_loss
+                               else BatchFunctions(self.problem, objective=self.test_objective).gradients)
         self._prepared = None
         self._cache = {}
         self._fingerprint = self.problem.fingerprint()
@@ -340,19 +341,6 @@ class Influence:
         return fingerprint
 
     # -- Internals ------------------------------------------------------------------------------
-
-    def _compiled(self, fn, objective=None):
-        """`fn(objective, tf_vars, space, batch, *args)` over one batch, compiled, split across replicas."""
-        problem = self.problem
-        objective = objective if objective is not None else problem.objective
-
-        def per_batch(batch, *args):
-            return fn(objective, problem.tf_variables, problem.space, batch, *args)
-
-        if problem.strategy is None:
-            return tf.function(per_batch, reduce_retracing=True)
-        return tf.function(lambda batch, *args: _distribute.batch_rows(problem.strategy, per_batch, batch, *args),
-                           reduce_retracing=True)
 
     def _progress(self, dataset, label):
         cardinality = int(dataset.cardinality())

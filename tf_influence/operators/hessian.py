@@ -11,7 +11,7 @@ from tf_influence import arguments
 from tf_influence import distribute as _distribute
 from tf_influence.curvature import dense as _dense
 from tf_influence.curvature import products as _products
-from tf_influence.data import first_batch
+from tf_influence.data import batch_spec, first_batch
 from tf_influence.errors import InputError, NotFiniteError, ResourceError, SecondDerivativeError
 from tf_influence.operators.damping import DampingChoice, lanczos_damping
 from tf_influence.operators.minibatch import MinibatchCurvature
@@ -122,12 +122,20 @@ class HessianOperator(RowsOperator):
                 warnings.warn(trap_message(traps, mode), stacklevel=2)
         # `data_pass(rows) -> (Σᵢ wᵢ Cᵢ rows, Σᵢ wᵢ)`: one compiled pass over the data (XLA cannot
         # compile dataset iteration, so only the per-batch product is jit-compiled).
-        self._batch_product = tf.function(self._batch_product_fn, jit_compile=jit_compile)
+        # Input signatures: one trace for every batch size and number of rows (no retracing); one row
+        # has its own (unvectorised) trace, made only when used: same rounding as a plain product.
+        self._batch_products = {
+            k: tf.function(self._batch_product_fn, jit_compile=jit_compile, input_signature=[
+                batch_spec(problem.dataset),
+                [tf.TensorSpec([k, *shape], problem.space.dtype) for shape in problem.space.shapes]])
+            for k in (1, None)}
         if problem.strategy is not None:
             self.data_pass = tf.function(self._distributed_data_pass_fn)
             self._gradient_pass = tf.function(self._distributed_gradient_pass_fn)
         else:
-            self.data_pass = tf.function(self._data_pass_fn)
+            passes = {k: tf.function(self._data_pass_fn, input_signature=[
+                tf.TensorSpec([k, problem.space.size], problem.space.dtype)]) for k in (1, None)}
+            self.data_pass = lambda rows: passes[1 if rows.shape[0] == 1 else None](rows)
             self._gradient_pass = tf.function(self._gradient_pass_fn)
             if jit_compile and self.has_batch_products:
                 self._check_xla_compiles(first_batch(problem.dataset, "data"))
@@ -210,6 +218,7 @@ class HessianOperator(RowsOperator):
             result = self._finite_difference(rows)
         else:
             total, weight = self.data_pass(rows)
+            total = tf.ensure_shape(total, rows.shape)  # the pass is traced for any number of rows
             result = total / tf.cast(weight, self.dtype) + self._regularizer_product(rows)
         result = result + self.damping * rows
         if tf.executing_eagerly() and not bool(tf.reduce_all(tf.math.is_finite(result))):
@@ -255,7 +264,7 @@ class HessianOperator(RowsOperator):
         if self.problem.strategy is not None:
             total = _distribute.batch_sum(self.problem.strategy, self._shard_product, batch, rows)
         else:
-            total = self._batch_product(batch, self.space.unflatten(rows))
+            total = tf.ensure_shape(self._batch_product(batch, self.space.unflatten(rows)), rows.shape)
         weight = tf.cast(tf.reduce_sum(batch[2]), self.dtype)
         return total / weight + self._regularizer_product(rows)
 
@@ -281,6 +290,9 @@ class HessianOperator(RowsOperator):
                 "no float64 MaxPoolGradGrad, which second derivatives through max pooling need). Use "
                 "jit_compile=False, or a float32 model."
             ) from None
+
+    def _batch_product(self, batch, tangents):
+        return self._batch_products[1 if tangents[0].shape[0] == 1 else None](batch, tangents)
 
     def _data_pass_fn(self, rows):
         tangents = self.space.unflatten(rows)

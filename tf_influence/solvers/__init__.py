@@ -9,6 +9,7 @@ maps names to them and `inverse_hvp` dispatches by name.
 
 from tf_influence.solvers.arnoldi import Arnoldi, arnoldi
 from tf_influence.solvers.auto import Auto
+from tf_influence.solvers.block_cg import block_cg
 from tf_influence.solvers.cg import CG, cg
 from tf_influence.solvers.chain import Chain, chain_solve
 from tf_influence.solvers.direct import Direct, direct
@@ -37,6 +38,7 @@ __all__ = [
     "SolveInfo",
     "TridiagonalKFAC",
     "arnoldi",
+    "block_cg",
     "cg",
     "chain_solve",
     "direct",
