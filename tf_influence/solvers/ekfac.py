@@ -171,7 +171,10 @@ class EKFAC(Method):
 
     def _prepare_refined(self, source, inverse):
         exact = source.hessian()
-        preconditioner = inverse.inverse()  # one object, so CG's compiled loop is reused across solves
+        size = int(inverse.shape[-1])
+
+        def preconditioner(rows):  # one object, so CG's compiled loop is reused across solves
+            return tf.ensure_shape(inverse.solve_rows(rows), [None, size])  # keep the static width
 
         def solve(b):
             start = time.perf_counter()
