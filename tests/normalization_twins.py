@@ -10,7 +10,7 @@ import contextlib
 import numpy as np
 import tensorflow as tf
 
-from tf_influence.hvp import back_over_back, forward_over_back
+from tf_influence.curvature.products import back_over_back, forward_over_back
 from tf_influence.normalization import exact_second_derivatives
 
 N = 6
