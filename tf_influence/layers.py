@@ -107,4 +107,5 @@ def _layers_in(values, seen):
 
 
 def _is_layer(obj):
-    return hasattr(obj, "trainable_weights") and hasattr(obj, "call") and hasattr(obj, "name") and not isinstance(obj, type)
+    return (hasattr(obj, "trainable_weights") and hasattr(obj, "call") and hasattr(obj, "name")
+            and not isinstance(obj, type))

@@ -9,13 +9,22 @@ Tangents come as a list of variable-shaped tensors with a leading axis of k vect
 Modes (for `curvature="hessian"`):
   forward_over_back: a `ForwardAccumulator` around a `GradientTape` — the jvp of the gradient.
   back_over_back:    the gradient of ⟨∇L, v⟩; reuses one forward/backward pass for k vectors.
-  finite_difference: (∇R(θ + r v) − ∇R(θ − r v)) / 2r, done over the whole data set in
-                     `operators/hessian.py` because it moves the variables; for diagnostics.
+  finite_difference: (∇L(θ + r v) − ∇L(θ − r v)) / 2r with exact first derivatives; the model is
+                     evaluated at θ ± r v without assigning its variables (Keras 3, see
+                     `Objective.outputs`), so it is traceable and works batch by batch.
 `curvature="gauss_newton"` gives `Jᵀ ∇²_out ℓ J v` (PSD when the loss is convex in the outputs).
+
+Both nested-derivative modes run inside `exact_second_derivatives(model)`, which the caller's
+`tf.function` traces: TensorFlow's own second derivatives through LayerNormalization,
+GroupNormalization and BatchNormalization (training) are wrong (see tf_influence/normalization.py).
 """
 
+import contextlib
+
+import numpy as np
 import tensorflow as tf
 
+from tf_influence.normalization import exact_second_derivatives
 from tf_influence.params import densify
 
 MODES = ("forward_over_back", "back_over_back", "finite_difference")
@@ -23,17 +32,57 @@ CURVATURES = ("hessian", "gauss_newton")
 _ZERO = tf.UnconnectedGradients.ZERO
 
 
-def batch_curvature_product(objective, tf_vars, batch, tangents, *, mode, curvature):
-    """`Σᵢ wᵢ Cᵢ vⱼ` for each of the k tangents `vⱼ` (list of `[k, *var.shape]` tensors)."""
+def batch_curvature_product(objective, tf_vars, batch, tangents, *, mode, curvature, variables=None, step=None):
+    """`Σᵢ wᵢ Cᵢ vⱼ` for each of the k tangents `vⱼ` (list of `[k, *var.shape]` tensors).
+
+    `variables` (the selected variables, as given to `Objective.outputs`) and `step` (a fixed
+    finite-difference step r, default `ε^(1/3)·(1 + ‖θ‖)/‖v‖`) are used by mode="finite_difference".
+    """
     x, y, w = batch
     if curvature == "gauss_newton":
         return _map_tangents(lambda v: _gauss_newton_vp(objective, tf_vars, x, y, w, v), tangents)
+    if mode == "finite_difference":
+        return _map_tangents(lambda v: finite_difference(objective, variables, tf_vars, batch, v, step=step), tangents)
     loss = lambda: objective.weighted_loss_sum(x, y, w)  # noqa: E731
-    if mode == "forward_over_back":
-        return _map_tangents(lambda v: forward_over_back(loss, tf_vars, v), tangents)
-    if mode == "back_over_back":
-        return back_over_back(loss, tf_vars, tangents)
+    patch = exact_second_derivatives(objective.model) if mode in MODES[:2] else contextlib.nullcontext()
+    with patch:
+        if mode == "forward_over_back":
+            return _map_tangents(lambda v: forward_over_back(loss, tf_vars, v), tangents)
+        if mode == "back_over_back":
+            return back_over_back(loss, tf_vars, tangents)
     raise ValueError(f"mode {mode!r} has no per-batch product")
+
+
+def finite_difference(objective, variables, tf_vars, batch, v, *, step=None):
+    """`(∇L(θ + r v) − ∇L(θ − r v)) / 2r` for one batch and one variable-shaped tangent list `v`.
+
+    L is the batch's weighted loss sum. The model is evaluated at θ ± r v through
+    `objective.outputs(x, values=...)` (no variable is assigned), so this is traceable. The step
+    is `step` if given, else `ε^(1/3)·(1 + ‖θ‖)/‖v‖` (ε: the variables' machine epsilon), the same
+    for every batch; a zero tangent gives zeros.
+    """
+    x, y, w = batch
+    dtype = tf_vars[0].dtype
+    values = [tf.convert_to_tensor(t) for t in tf_vars]
+    v = [tf.cast(t, dtype) for t in v]
+    v_norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(t)) for t in v]))
+    nonzero = v_norm > 0
+    if step is None:
+        theta_norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(t)) for t in values]))
+        eps = np.finfo(dtype.as_numpy_dtype).eps ** (1 / 3)
+        r = eps * (1 + theta_norm) / tf.where(nonzero, v_norm, tf.ones_like(v_norm))
+    else:
+        r = tf.constant(step, dtype)
+
+    def gradient_at(sign):
+        shifted = [t + sign * r * d for t, d in zip(values, v)]
+        with tf.GradientTape() as tape:
+            tape.watch(shifted)
+            loss = objective.weighted_loss_sum(x, y, w, values=list(zip(variables, shifted)))
+        return [densify(g) for g in tape.gradient(loss, shifted, unconnected_gradients=_ZERO)]
+
+    plus, minus = gradient_at(1.0), gradient_at(-1.0)
+    return [tf.where(nonzero, (p - m) / (2 * r), tf.zeros_like(p)) for p, m in zip(plus, minus)]
 
 
 def regularizer_curvature_product(objective, tf_vars, variables, tangents):

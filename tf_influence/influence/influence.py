@@ -21,6 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_influence import arguments
 from tf_influence import distribute as _distribute
 from tf_influence.errors import InputError
 from tf_influence.influence import gradients as _gradients
@@ -57,6 +58,9 @@ class Influence:
         (single device outside every scope). Results equal the single-device ones.
       jit_compile: compile each batch's curvature product with XLA (see `HessianOperator`);
         on CPU this roughly halves the product time of CNNs with max pooling.
+      on_unsafe_layers: `"raise"` (default), `"warn"` or `"ignore"` when a layer whose second
+        derivatives stay wrong (`tf_influence.normalization.inexact_layers`) lies on the selected
+        path of exact Hessian products (see `HessianOperator`).
       **method_options: options of the method (e.g. `tol`, `maxiter` for CG).
 
     Attributes:
@@ -75,12 +79,13 @@ class Influence:
 
     def __init__(self, model, loss, train, *, variables=None, method="cg", damping=0.0, l2=0.0,
                  curvature="hessian", batch_size=None, mode="forward_over_back", training=False,
-                 progress=True, strategy=None, jit_compile=False, **method_options):
+                 progress=True, strategy=None, jit_compile=False, on_unsafe_layers="raise", **method_options):
+        arguments.one_of(on_unsafe_layers, "on_unsafe_layers", ("raise", "warn", "ignore"))
         self.solver = make_solver(method, **method_options)
         self.problem = Problem(model, loss, train, variables, l2=l2, training=training, batch_size=batch_size,
                                strategy=strategy, name="train")
         self.source = CurvatureSource(self.problem, damping=damping, curvature=curvature, mode=mode,
-                                      jit_compile=jit_compile)
+                                      jit_compile=jit_compile, on_unsafe_layers=on_unsafe_layers)
         self.model = model
         self.objective = self.problem.objective
         self.space = self.problem.space
