@@ -3,8 +3,9 @@
 Each script runs in its own process (so timings and peak memory are its own); its full output is
 kept, and the headline figures are pulled from its printed tables into one summary:
 HVP/gradient ratio, CG iteration cost, scoring speed, EKFAC fit cost, chain-solver depth scaling,
-large-model memory, distributed speed-up. Everything goes to `benchmarks/RESULTS.md`, so a run on
-another machine can be compared line by line.
+large-model memory, distributed speed-up, LDS (attribution quality), time against pyDVL / kronfluence
+(peers.py: its peer rows need run_all to run under the peers' venv, see README.md). Everything goes
+to `benchmarks/RESULTS.md`, so a run on another machine can be compared line by line.
 
 Run: python benchmarks/run_all.py [--quick] [--only hvp solvers ...] [--output RESULTS.md]
 """
@@ -30,6 +31,8 @@ SCRIPTS = {
     "ekfac": ([], ["--n-train", "2000", "--n-test", "100", "--cg-test", "4"]),
     "large": ([], ["--quick"]),
     "distribute": ([], ["--quick"]),
+    "peers": ([], ["--quick"]),  # pyDVL / kronfluence rows only when run_all runs in the peers' venv
+    "lds": ([], ["--quick"]),
 }
 
 _NOISE = re.compile(r"^(I0000|W0000|E0000|WARNING: All log|To enable the following)")
@@ -76,6 +79,22 @@ SUMMARY = [
     ("large CNN: peak RSS ratio, largest / smallest n_train", "large", lambda t: _last_column(t, "RSS ratio")),
     ("large CNN: training examples scored per second", "large", lambda t: _last_column(t, "train examples/s")),
     ("distributed speed-up (2 replicas)", "distribute", lambda t: _search(t, r"speed-up[^:]*: ([\d.]+x)")),
+    ("peers: exact (direct) λ=0.1, tf_influence time / best peer", "peers",
+     lambda t: _search(t, r"best peer, exact \(direct\) λ=0\.1: (\S+)")),
+    ("peers: CG 1e-6 λ=0.1, tf_influence time / best peer", "peers",
+     lambda t: _search(t, r"best peer, CG 1e-6 λ=0\.1: (\S+)")),
+    ("peers: LiSSA λ=0.1, tf_influence time / best peer", "peers",
+     lambda t: _search(t, r"best peer, LiSSA λ=0\.1: (\S+)")),
+    ("peers: EKFAC λ=0.1, tf_influence time / best peer", "peers",
+     lambda t: _search(t, r"best peer, EKFAC λ=0\.1: (\S+)")),
+    ("peers: EKFAC at scale (301k MLP), tf_influence / kronfluence", "peers",
+     lambda t: _search(t, r"at scale, MLP 64-512-512-10: (\S+)")),
+    ("LDS, digits MLP, cg λ=1e-3 (exact solve)", "lds", lambda t: _find(t, "mlp", "cg", "0.001", column=3)),
+    ("LDS, digits MLP, ekfac λ=1e-3", "lds", lambda t: _find(t, "mlp", "ekfac", "0.001", column=3)),
+    ("LDS, digits MLP, gradient dot product (no curvature)", "lds",
+     lambda t: _find(t, "mlp", "gradient dot product", column=3)),
+    ("LDS, digits MLP, ceiling (agreement of 2 initialisations)", "lds",
+     lambda t: _search(t, r"ceiling \(mlp\)[^=]*= ([\d.]+)")),
 ]
 
 

@@ -16,7 +16,8 @@ MAX_LINES = 450
 
 STAGES = [
     ("errors", "arguments", "files", "layers"),
-    ("data", "params", "losses", "objective", "distribute", "traps", "normalization", "normalization_rules", "normalization_tf_keras"),
+    ("data", "params", "losses", "output_losses", "loss_checks", "objective", "distribute", "traps", "normalization",
+     "normalization_rules", "normalization_tf_keras"),
     ("problem",),
     ("curvature", "linalg"),
     ("operators",),

@@ -160,8 +160,6 @@ def test_custom_layer_loads_with_custom_objects(tmp_path, float64, rng, capsys):
         np.testing.assert_allclose(result["scores"], expected.scores((x[16:], y[16:])), rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the library's spectrum-based default damping (damping=None means "
-                                       "'choose it'); today HessianOperator refuses damping=None")
 def test_default_damping_is_chosen_by_the_library(saved, capsys):
     path, model, train, test = saved
     assert main(_explain_args(path, "--method", "direct")) == 0

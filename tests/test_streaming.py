@@ -77,3 +77,26 @@ def test_peak_memory_does_not_grow_with_n_train(tmp_path):
         peaks[n] = int(result.stdout.strip().splitlines()[-1])
     print(f"peak RSS while scoring (bytes): {peaks}")
     assert peaks[50_000] < 1.2 * peaks[10_000], peaks
+
+
+def test_resume_after_the_training_data_changed_is_refused(influence, tmp_path):
+    inf, test = influence
+    path = tmp_path / "scores.npy"
+    x, y = (np.concatenate([b.numpy() for b in parts]) for parts in zip(*[(bx, by) for bx, by, _ in
+                                                                          inf.problem.dataset]))
+    tfi.score_to_file(inf, test, path)
+    corrected = y.copy()
+    corrected[7] = (corrected[7] + 1) % 3  # a corrected label: same shapes, other scores
+    relabelled = tfi.Influence(inf.model, sce, (x, corrected), method="direct", damping=0.5,
+                               curvature="gauss_newton", batch_size=5, progress=False)
+    before = np.array(np.load(path))
+    with pytest.raises(tfi.InputError, match=r"holds a run for other training data than this call's; it cannot be "
+                                             r"resumed.*resume=False"):
+        tfi.score_to_file(relabelled, test, path)
+    np.testing.assert_array_equal(np.load(path), before)  # the earlier run is left as it was
+    rebatched = tfi.Influence(inf.model, sce, (x, y), method="direct", damping=0.5, curvature="gauss_newton",
+                              batch_size=4, progress=False)
+    with pytest.raises(tfi.InputError, match="other batching than this call's"):
+        tfi.score_to_file(rebatched, test, path)
+    fresh = tfi.score_to_file(relabelled, test, path, resume=False)
+    np.testing.assert_allclose(fresh, relabelled.scores(test), rtol=1e-12, atol=1e-15)

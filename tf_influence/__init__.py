@@ -19,7 +19,7 @@ from tf_influence.errors import (
     UnsupportedLayerError,
 )
 from tf_influence.export import export_saved_model
-from tf_influence.influence import Influence, TopK, score_to_file
+from tf_influence.influence import GroupInfluence, Influence, Measurement, TopK, measurements, score_to_file
 from tf_influence.linalg import SpectrumEstimate, extreme_eigenvalues
 from tf_influence.objective import Objective
 from tf_influence.operators import ChainHessian, CurvatureSource, EKFACOperator, HessianOperator
@@ -34,11 +34,13 @@ __all__ = [
     "CurvatureSource",
     "DivergenceError",
     "EKFACOperator",
+    "GroupInfluence",
     "HVPCheck",
     "HessianOperator",
     "Influence",
     "InfluenceError",
     "InputError",
+    "Measurement",
     "NegativeCurvatureError",
     "NotFiniteError",
     "Objective",
@@ -54,6 +56,7 @@ __all__ = [
     "export_saved_model",
     "extreme_eigenvalues",
     "inverse_hvp",
+    "measurements",
     "score_to_file",
     "select_variables",
     "solvers",

@@ -4,7 +4,8 @@
   python -m tf_influence explain --model M.keras --train train.npz --test test.npz \\
       [--loss NAME | --loss module:function | --loss path/to/file.py:function] [--custom-objects module:NAME ...] \\
       [--method cg] [--damping auto|NUMBER] [--curvature hessian|gauss_newton] [--top-k 10] \\
-      [--variables LAYER ...] [--output influence_scores.npz] [--overwrite]
+      [--variables LAYER ...] [--measurement loss|margin|logit|probability|OUTPUT|module:function] \\
+      [--output influence_scores.npz] [--overwrite]
   python -m tf_influence export --model M.keras --train train.npz --out DIR \\
       [--method direct] [--store auto] [... the model and curvature flags of explain ...] [--overwrite]
 
@@ -23,7 +24,7 @@ import sys
 from tf_influence import cli_io
 from tf_influence.errors import InfluenceError, InputError
 
-_OUTPUT_KEYS = ("scores", "predicted_loss_change", "helpful_indices", "helpful_scores", "harmful_indices",
+_OUTPUT_KEYS = ("scores", "predicted_change", "helpful_indices", "helpful_scores", "harmful_indices",
                 "harmful_scores")
 _METHOD_HELP = "IHVP method: direct, cg, lissa, ekfac, kfac, chain, scipy (see tfi.solvers.SOLVERS)"
 _SOLVER_HINT = ("On the command line: --damping auto (the default) or a larger --damping, or "
@@ -85,6 +86,10 @@ def build_parser():
     model.add_argument("--l2", type=_non_negative, default=0.0, help="extra (l2/2)·‖θ‖² in the objective")
     model.add_argument("--variables", nargs="*", help="layer names (default: all trainable)")
     model.add_argument("--batch-size", type=_positive_int, default=None)
+    model.add_argument("--measurement", default="loss",
+                       help="what is attributed on the test side: loss (default), margin, logit, probability, an "
+                            "output name of a multi-output model, or module:function / path/to/file.py:function "
+                            "(fn(y_true, y_pred) -> per-example values, higher is better; or a tfi.Measurement)")
     model.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
     explain = commands.add_parser("explain", parents=[common, model], help="score a saved Keras model's training data")
@@ -137,6 +142,7 @@ def _explain(args):
 
     scores = inf.scores(test[:2])
     weights = train[2].astype(np.float64) if len(train) == 3 else np.ones(inf.n_train)
+    change = inf.measurement.orientation * scores * weights / weights.sum()
     k = min(args.top_k, inf.n_train)
     helpful = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # as Influence.top_k, without a second pass
     harmful = np.argsort(scores, axis=1, kind="stable")[:, :k]
@@ -144,15 +150,17 @@ def _explain(args):
                 "test": os.path.abspath(args.test), "loss": loss_name, "method": inf.method,
                 "damping": _number(inf.damping), "curvature": args.curvature, "l2": args.l2,
                 "variables": args.variables or None, "n_train": int(scores.shape[1]), "n_test": int(scores.shape[0]),
-                "sign": "positive score = the training example helped (removal raises the test loss)"}
-    cli_io.write_npz(args.output, {
-        "scores": scores, "predicted_loss_change": scores * weights / weights.sum(),
-        "helpful_indices": helpful, "helpful_scores": np.take_along_axis(scores, helpful, 1),
-        "harmful_indices": harmful, "harmful_scores": np.take_along_axis(scores, harmful, 1),
-        "settings": np.array(json.dumps(settings))})
+                "measurement": inf.measurement.name, "sign": _sign_text(inf.measurement)}
+    arrays = {"scores": scores, "predicted_change": change,
+              "helpful_indices": helpful, "helpful_scores": np.take_along_axis(scores, helpful, 1),
+              "harmful_indices": harmful, "harmful_scores": np.take_along_axis(scores, harmful, 1),
+              "settings": np.array(json.dumps(settings))}
+    if inf.measurement.is_loss:
+        arrays["predicted_loss_change"] = change
+    cli_io.write_npz(args.output, arrays)
     print(f"Scored {scores.shape[0]} test x {scores.shape[1]} training examples with method={inf.method!r}, "
-          f"damping={_number(inf.damping)}, curvature={args.curvature!r}; wrote {args.output} (scores, "
-          "predicted_loss_change, helpful/harmful indices and scores, settings).")
+          f"damping={_number(inf.damping)}, curvature={args.curvature!r}, measurement={inf.measurement.name!r}; "
+          f"wrote {args.output} (scores, predicted_change, helpful/harmful indices and scores, settings).")
     for t in range(min(3, scores.shape[0])):
         print(f"test {t}: most helpful {helpful[t][:5].tolist()}, most harmful {harmful[t][:5].tolist()}")
     return 0
@@ -200,9 +208,19 @@ def _influence(args, train, *, test=None, progress=True):
         if data is not None:
             batch = first_batch(tfi.as_dataset(data, batch_size=args.batch_size, name=flag), flag)
             objective.validate(batch, f"{flag} {path!r}")
+    measurement = args.measurement
+    if ":" in measurement:
+        measurement = cli_io.import_object(measurement, "--measurement")
+        if not callable(measurement):
+            raise InputError(f"--measurement {args.measurement!r} is a {type(measurement).__name__}, not a function "
+                             "fn(y_true, y_pred) -> per-example values or a tfi.Measurement.")
+    try:
+        tfi.measurements.resolve_measurement(measurement, objective)
+    except InputError as e:
+        raise InputError(f"--measurement {args.measurement}: {e}") from e
     influence = tfi.Influence(model, loss, train, variables=args.variables or None, method=args.method,
                               damping=None if args.damping == "auto" else args.damping, curvature=args.curvature,
-                              l2=args.l2, batch_size=args.batch_size, progress=progress)
+                              l2=args.l2, batch_size=args.batch_size, progress=progress, measurement=measurement)
     return influence, loss_name
 
 
@@ -244,6 +262,11 @@ def _loss_and_custom_objects(args):
         raise InputError(f"--loss {args.loss!r} is a {type(loss).__name__}, not a function "
                          "fn(y_true, y_pred) -> per-example losses.")
     return loss, args.loss, custom_objects
+
+
+def _sign_text(measurement):
+    effect = "lowers" if measurement.higher_is_better else "raises"
+    return f"positive score = the training example helped (its removal {effect} the test {measurement.name})"
 
 
 def _is_previous_output(path):

@@ -29,6 +29,7 @@ import numpy as np
 
 from tf_influence.data import as_dataset
 from tf_influence.errors import InputError
+from tf_influence.export.saved_model import is_influence_export
 
 _NPY_MAGIC = b"\x93NUMPY"
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -313,8 +314,8 @@ def check_output_file(path, flag, *, overwrite=False, inputs=(), suffix=None, is
 def check_output_dir(path, flag, *, overwrite=False):
     """Refuses a SavedModel directory that cannot be written, or an existing path to keep.
 
-    An existing path is replaced only with `overwrite=True`, and then only if it is a SavedModel
-    directory (never a file or another directory, which `--overwrite` would delete).
+    An existing path is replaced only with `overwrite=True`, and then only if it is an earlier export
+    of tf_influence (never a file, another directory or another SavedModel, which `--overwrite` would delete).
     """
     _check_folder(path, flag)
     if not os.path.exists(path):
@@ -324,9 +325,11 @@ def check_output_dir(path, flag, *, overwrite=False):
                          "directory. Choose a new path.")
     if not overwrite:
         raise InputError(f"{flag} {path!r} already exists. Pass --overwrite to replace it, or choose a new path.")
-    if not _is_saved_model(path):
-        raise InputError(f"{flag} {path!r} is a directory that is not a SavedModel; --overwrite replaces only an "
-                         "earlier export. Choose a new path.")
+    if not is_influence_export(path):
+        what = ("a SavedModel not written by tf_influence" if _is_saved_model(path) else
+                "a directory that is not a SavedModel")
+        raise InputError(f"{flag} {path!r} is {what}; --overwrite replaces only an earlier export of tf_influence. "
+                         "Choose a new path.")
     return path
 
 

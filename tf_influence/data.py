@@ -5,7 +5,17 @@ multi-input models) or a batched `tf.data.Dataset` yielding such tuples, of know
 cardinality and with a partial last batch. Inside the library everything is a dataset of
 `(x, y, w)` with `w` a float vector (ones when the user gave no weights), so weighted means are
 exact sums `Σ wᵢ ℓᵢ / Σ wᵢ`, independent of how the data is batched.
+
+Influence scores are indexed by each example's position in the data, and every method reads the
+data several times, so a dataset must yield the same examples in the same order on every pass and
+must end: an infinite dataset (`.repeat()`) and one whose first batches differ between two passes
+(`.shuffle()` reshuffling each iteration, random augmentation) are refused when they are given.
+A Python list of numbers (or of lists of numbers) is one array; a list of arrays is the inputs of
+a multi-input model.
 """
+
+import hashlib
+import numbers
 
 import numpy as np
 import tensorflow as tf
@@ -13,6 +23,7 @@ import tensorflow as tf
 from tf_influence.errors import InputError
 
 DEFAULT_BATCH_SIZE = 256
+ORDER_CHECK_BATCHES = 2  # batches compared between two passes to detect a reshuffling dataset
 
 
 def as_dataset(data, *, batch_size=None, name="data"):
@@ -62,8 +73,59 @@ def _length(array, what):
     return int(np.shape(flat[0])[0]) if np.ndim(flat[0]) else 0
 
 
+class Fingerprint:
+    """A streamed SHA-256 of examples, fed batch by batch (`update`), independent of the batching.
+
+    It covers the dtype, the shape after the batch axis and the values of every tensor (x, y, w)
+    of every example, in order. `sizes` records the batch sizes seen.
+
+    Example:
+      >>> digest = Fingerprint()
+      >>> for batch in dataset: digest.update(batch)
+      >>> digest.hexdigest()
+    """
+
+    def __init__(self):
+        self._digests = []
+        self.sizes = []
+
+    def update(self, batch):
+        flat = tf.nest.flatten(batch)
+        if not self._digests:
+            self._digests = [hashlib.sha256(f"{t.dtype.name}{t.shape[1:]}".encode()) for t in flat]
+        for digest, t in zip(self._digests, flat):
+            values = t.numpy()
+            if values.dtype == object:  # strings: length-prefixed bytes
+                for item in values.ravel():
+                    digest.update(len(item).to_bytes(8, "little") + item)
+            else:
+                digest.update(np.ascontiguousarray(values).tobytes())
+        self.sizes.append(int(tf.shape(flat[0])[0]) if flat and flat[0].shape.rank else 1)
+
+    def hexdigest(self):
+        return hashlib.sha256("".join(d.hexdigest() for d in self._digests).encode()).hexdigest()
+
+
+def fingerprint(dataset, *, batches=None, with_sizes=False):
+    """The `Fingerprint` of a dataset's examples (all, or the first `batches` batches): one streamed pass.
+
+    The same examples batched differently give the same fingerprint.
+
+    Returns:
+      The hex digest, or `(digest, batch_sizes)` with `with_sizes=True`.
+
+    Example:
+      >>> fingerprint(as_dataset((x, y), batch_size=4)) == fingerprint(as_dataset((x, y), batch_size=7))
+      True
+    """
+    digest = Fingerprint()
+    for batch in (dataset if batches is None else dataset.take(batches)):
+        digest.update(batch)
+    return (digest.hexdigest(), digest.sizes) if with_sizes else digest.hexdigest()
+
+
 def _from_arrays(data, batch_size, name):
-    x, y = data[0], data[1]
+    x, y = _plain_lists_as_arrays(data[0]), _plain_lists_as_arrays(data[1])
     w = data[2] if len(data) == 3 else None
     lengths = {"x": [np.shape(a)[0] if np.ndim(a) else None for a in tf.nest.flatten(x)],
                "y": [np.shape(a)[0] if np.ndim(a) else None for a in tf.nest.flatten(y)]}
@@ -71,7 +133,12 @@ def _from_arrays(data, batch_size, name):
         lengths["w"] = [np.shape(w)[0] if np.ndim(w) else None]
     sizes = {n for ls in lengths.values() for n in ls}
     if None in sizes:
-        raise InputError(f"Every array in {name} needs a leading example axis; a scalar was given.")
+        part = "x" if None in lengths["x"] else "y" if None in lengths["y"] else "w"
+        raise InputError(
+            f"{name}: every array needs a leading example axis, but {part} holds a scalar. x, y and w must be "
+            "arrays with one entry per example (a list of arrays in x means one array per input of a "
+            "multi-input model). Received: "
+            + ", ".join(f"{k}: {_kind(v)}" for k, v in (("x", data[0]), ("y", data[1]))) + ".")
     if len(sizes) != 1:
         raise InputError(
             f"{name}: x, y (and w) must have the same number of examples (first axis). "
@@ -114,6 +181,25 @@ def _from_arrays(data, batch_size, name):
     return tf.data.Dataset.from_tensor_slices((x, y, w)).batch(int(batch_size))
 
 
+def _plain_lists_as_arrays(value):
+    """A Python list/tuple holding only numbers (or lists of numbers) as one NumPy array."""
+    if isinstance(value, (list, tuple)) and value and _only_numbers(value):
+        return np.asarray(value)
+    return value
+
+
+def _only_numbers(value):
+    if isinstance(value, (list, tuple)):
+        return all(_only_numbers(v) for v in value)
+    return isinstance(value, numbers.Number) or isinstance(value, np.generic)
+
+
+def _kind(value):
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {len(value)} {type(value[0]).__name__ if value else 'items'}"
+    return f"{type(value).__name__} of shape {np.shape(value)}"
+
+
 def _lists_to_tuples(structure):
     # tf.data reads a Python list as one tensor; a tuple keeps multi-input x as separate arrays.
     if isinstance(structure, list):
@@ -131,6 +217,11 @@ def _float_dtype_of(x):
 
 
 def _from_dataset(dataset, name):
+    if int(dataset.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
+        raise InputError(
+            f"{name}: the dataset is infinite (e.g. dataset.repeat() without a count). Influence reads every "
+            "example once per pass, several times, and would never finish a pass. Remove .repeat(), or keep "
+            "one epoch, e.g. dataset.take(number_of_batches).")
     spec = dataset.element_spec
     if not isinstance(spec, tuple) or len(spec) not in (2, 3):
         raise InputError(
@@ -143,6 +234,7 @@ def _from_dataset(dataset, name):
             f"{name}: the dataset yields single examples (labels of rank 0); it must be batched. "
             "Call dataset.batch(batch_size) first."
         )
+    check_fixed_order(dataset, name)
     if len(spec) == 3:
         return dataset.map(lambda x, y, w: (x, y, tf.reshape(w, [-1])))
 
@@ -152,6 +244,23 @@ def _from_dataset(dataset, name):
         return x, y, tf.ones([n], dtype)
 
     return dataset.map(add_weights)
+
+
+def check_fixed_order(dataset, name="data", *, batches=ORDER_CHECK_BATCHES):
+    """Refuses a dataset whose first `batches` batches differ between two passes (reshuffled or random).
+
+    Raises:
+      InputError: the two passes differ; the message says what usually causes it and the fix.
+    """
+    if fingerprint(dataset, batches=batches) != fingerprint(dataset, batches=batches):
+        raise InputError(
+            f"{name}: the dataset yields different data on every pass: its first {batches} batches differ between "
+            "two iterations (dataset.shuffle() reshuffles on each iteration by default; random augmentation in "
+            "a map does the same). Influence scores are indexed by each example's position, and every method "
+            "reads the data several times, so the scores would belong to other examples than those at their "
+            "index. Refused (the data is not materialised in some order). Shuffle once, with "
+            "dataset.shuffle(buffer, seed=0, reshuffle_each_iteration=False), remove the shuffle, or pass "
+            "arrays (x, y).")
 
 
 def first_batch(dataset, name="data"):

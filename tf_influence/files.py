@@ -5,7 +5,12 @@ to a temporary name beside the target, then renamed (`os.replace` is atomic on o
 existing directory replaced with `overwrite` is kept until the new one is in place, and put back if
 the rename fails.
 
+Before anything is computed, `check_target` checks the target itself: its folder exists and is
+writable, a file is not a directory (and the reverse), and an existing target is replaced only if
+it is a previous output of the library. Its errors name the target, never a temporary file.
+
 Example:
+  >>> check_target("out/scores.npy", "score_to_file path")
   >>> atomic_save_npy("scores.ihvp.npy", array)
   >>> atomic_write_dir("model_dir", lambda tmp: tf.saved_model.save(module, tmp), overwrite=True)
 """
@@ -16,6 +21,60 @@ import shutil
 import tempfile
 
 import numpy as np
+
+from tf_influence.errors import InputError
+
+
+def check_target(path, what, *, directory=False, replaceable=None, overwrite=False, create_folder=False):
+    """Refuses a target that cannot or must not be written, before anything is computed.
+
+    Args:
+      path: the file (or, with `directory=True`, the directory) to write.
+      what: how to name it in messages, e.g. "score_to_file path".
+      directory: the target is a directory (an export) rather than a file.
+      replaceable: `fn(path) -> bool`, True when an existing target is a previous output of the
+        library. Anything else that exists is never replaced.
+      overwrite: for directories, replace a previous output only when True.
+      create_folder: a missing parent folder will be created (then its nearest existing ancestor
+        must be writable) instead of being an error.
+
+    Returns:
+      `path` as a string.
+
+    Raises:
+      InputError: naming `what` and `path`: missing or unwritable folder, a directory where a
+        file is expected (or the reverse), or an existing target that may not be replaced.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = folder
+    while not os.path.isdir(existing):
+        if not create_folder or os.path.exists(existing):
+            kind = "is a file, not a folder" if os.path.exists(existing) else "does not exist"
+            raise InputError(f"{what} {path!r}: the folder {existing!r} {kind}. Create the folder first, or choose "
+                             "another path.")
+        existing = os.path.dirname(existing)
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise InputError(f"{what} {path!r}: cannot write in the folder {existing!r} ({e.strerror or e}). Choose a "
+                         "writable folder.") from None
+    if not os.path.lexists(path):
+        return path
+    if directory and not os.path.isdir(path):
+        raise InputError(f"{what} {path!r} is an existing file; the output is a directory. Choose a new path.")
+    if not directory and os.path.isdir(path):
+        raise InputError(f"{what} {path!r} is a directory; expected a file name, e.g. "
+                         f"{os.path.join(path, os.path.basename(path) or 'out')!r}.")
+    ours = replaceable is not None and replaceable(path)
+    if not ours:
+        raise InputError(f"{what} {path!r} already exists and is not a previous output of tf_influence; it is never "
+                         "replaced. Choose another path, or move it away.")
+    if directory and not overwrite:
+        raise InputError(f"{what} {path!r} already exists. Pass overwrite=True to replace it (it is a previous "
+                         "output of tf_influence).")
+    return path
 
 
 def atomic_save_npy(path, array):

@@ -7,13 +7,16 @@ no data and no curvature. `Problem` joins it with the data and the selected vari
 """
 
 import contextlib
+import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_influence import loss_checks
 from tf_influence.errors import InputError, NotFiniteError
 from tf_influence.losses import check_labels, resolve_loss
+from tf_influence.output_losses import OutputLosses
 
 
 class Objective:
@@ -22,17 +25,21 @@ class Objective:
     Args:
       model: a built Keras model (Sequential, Functional or subclassed; Keras 3 or tf-keras).
       loss: a Keras loss instance, a loss name (`"sparse_categorical_crossentropy"`, `"mse"`, ...),
-        or a callable `fn(y_true, y_pred) -> [batch]` of per-example losses.
+        or a callable `fn(y_true, y_pred) -> [batch]` of per-example losses; labels and outputs
+        are rank-aligned as Keras aligns them. For a multi-output model, a dict
+        `{output_name: loss}` or a list with one loss per output, as in `model.compile`.
       l2: coefficient of the extra `(l2/2)·‖θ‖²` term over the selected variables.
       training: value of the `training` argument the model is called with (default False, so
         dropout is off and BatchNormalization uses its moving statistics).
+      loss_weights: for per-output losses, a dict or list of weights (default 1 each): the
+        per-example loss is `Σ_k w_k ℓ_k`, as `model.compile(loss_weights=...)` trains.
 
     Example:
       >>> objective = Objective(model, "sparse_categorical_crossentropy", l2=1e-3)
       >>> losses = objective.per_example_loss(y, objective.outputs(x))   # [batch]
     """
 
-    def __init__(self, model, loss, *, l2=0.0, training=False):
+    def __init__(self, model, loss, *, l2=0.0, training=False, loss_weights=None):
         if not callable(model) or not hasattr(model, "trainable_variables"):
             raise InputError(f"model must be a Keras model. Received: {type(model).__name__}.")
         if not getattr(model, "built", True) or not model.weights:
@@ -46,7 +53,8 @@ class Objective:
         self.model = model
         self.l2 = l2
         self.training = training
-        self.loss_name, self.loss_function = resolve_loss(loss, model)
+        self.loss = loss
+        self.loss_name, self.loss_function = resolve_loss(loss, model, loss_weights)
 
     @property
     def has_weight_regularizers(self):
@@ -85,10 +93,7 @@ class Objective:
 
     def per_example_loss(self, y, outputs):
         """Per-example losses `[batch]`; extra axes (e.g. time steps) are averaged."""
-        losses = tf.convert_to_tensor(self.loss_function(y, outputs))
-        if losses.shape.rank is not None and losses.shape.rank > 1:
-            losses = tf.reduce_mean(losses, axis=list(range(1, losses.shape.rank)))
-        return losses
+        return _per_example(tf.convert_to_tensor(self.loss_function(y, outputs)))
 
     def weighted_loss_sum(self, x, y, w, values=None):
         """`Σᵢ wᵢ ℓᵢ` over one batch (at the variable `values` given, see `outputs`)."""
@@ -115,14 +120,26 @@ class Objective:
                 f"The model could not be called on {name}: x has shape {shapes(x)}. "
                 f"Expected inputs matching the model's input shape. Original error: {e}"
             ) from e
-        check_labels(self.loss_name, y, outputs, name)
+        multi_output = isinstance(outputs, (list, tuple, dict)) and not isinstance(self.loss_function, OutputLosses)
+        hint = ""
+        if multi_output:
+            names = list(outputs) if isinstance(outputs, dict) else list(getattr(self.model, "output_names", []))
+            hint = (f" The model has {len(outputs)} outputs {names}: give one loss per output as in model.compile, "
+                    f"loss={{{', '.join(repr(n) + ': ...' for n in names)}}} (or a list in output order), and "
+                    "optionally loss_weights (same keys); the per-example loss is then Σ_k w_k·ℓ_k.")
+            if isinstance(self.loss, str) or hasattr(self.loss, "get_config"):
+                raise InputError(f"The loss {self.loss_name!r} is one loss for one output.{hint}")
+        for loss_name, labels, output in self._label_pairs(y, outputs):
+            check_labels(loss_name, labels, output, name)
         try:
             losses = self.per_example_loss(y, outputs)
+        except InputError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise InputError(
                 f"The loss {self.loss_name!r} could not be computed on {name}: labels y have shape "
                 f"{shapes(y)} and dtype {tf.nest.map_structure(lambda t: t.dtype.name, y)}; the model's "
-                f"output has shape {shapes(outputs)}. Original error: {e}"
+                f"output has shape {shapes(outputs)}. Original error: {e}{hint}"
             ) from e
         n = int(tf.shape(w)[0])
         if losses.shape.rank == 0:
@@ -146,6 +163,44 @@ class Objective:
         for t in tf.nest.flatten(x):
             if t.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(t))):
                 raise NotFiniteError(f"{name}: x contains NaN/Inf values; clean the data first.")
+
+    def check_model(self, batch, name="data"):
+        """Warns (once, on one batch) where the numbers would silently not be what the user means.
+
+        A `from_logits` setting that does not match the outputs, cross-entropy losses saturated to
+        exactly 0, and a random model (stochastic layers run with `training=True`); see
+        `tf_influence.loss_checks`. Returns the messages.
+        """
+        x, y, _ = batch
+        outputs = self.outputs(x)
+        messages = []
+        if isinstance(self.loss_function, OutputLosses):
+            parts = [(self.loss_function.losses[key], loss_name, fn, labels, output, None)
+                     for key, loss_name, fn, _, labels, output in self.loss_function.parts(y, outputs)]
+        else:
+            parts = [(self.loss, self.loss_name, self.loss_function, y, outputs, self.model)]
+        for loss, loss_name, fn, labels, output, model in parts:
+            messages.append(loss_checks.logits_mismatch(loss, loss_name, output, model))
+            losses = _per_example(tf.convert_to_tensor(fn(labels, output)))
+            messages.append(loss_checks.saturated_losses(loss_name, losses, output, name))
+        if self.training:
+            messages.append(loss_checks.nondeterministic(self.model, self.outputs, x, name))
+        messages = [m for m in messages if m]
+        for message in messages:
+            warnings.warn(message, stacklevel=3)
+        return messages
+
+    def _label_pairs(self, y, outputs):
+        if isinstance(self.loss_function, OutputLosses):
+            return [(loss_name, labels, output)
+                    for _, loss_name, _, _, labels, output in self.loss_function.parts(y, outputs)]
+        return [(self.loss_name, y, outputs)]
+
+
+def _per_example(losses):
+    if losses.shape.rank is not None and losses.shape.rank > 1:
+        losses = tf.reduce_mean(losses, axis=list(range(1, losses.shape.rank)))
+    return losses
 
 
 def _weight_regularization(model):

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence.data import as_dataset, first_batch
+from tf_influence.data import fingerprint as data_fingerprint
 from tf_influence.distribute import resolve_strategy
 from tf_influence.errors import InputError
 from tf_influence.objective import Objective
@@ -25,12 +26,14 @@ class Problem:
 
     Args:
       model: a built Keras model (Keras 3 or tf-keras). It is never modified.
-      loss: a Keras loss, loss name, callable giving per-example losses, or an `Objective` (then
-        `l2` and `training` come from it).
+      loss: a Keras loss, loss name, callable giving per-example losses, per-output losses of a
+        multi-output model (a dict or list, as in `model.compile`), or an `Objective` (then `l2`,
+        `training` and `loss_weights` come from it).
       data: training data: `(x, y)` / `(x, y, w)` arrays or a batched `tf.data.Dataset`.
       variables: `None` (all trainable), or layers / layer names / variables (see `select_variables`).
       l2: extra `(l2/2)·‖θ‖²` in the objective.
       training: the `training` flag the model is called with.
+      loss_weights: weights of per-output losses (dict or list, as in `model.compile`).
       batch_size: batch size when `data` holds arrays (default 256).
       strategy: a `tf.distribute.Strategy` that data passes split their batches across, or None
         for the strategy whose `scope()` is active (single device outside every scope).
@@ -48,23 +51,26 @@ class Problem:
     """
 
     def __init__(self, model, loss, data, variables=None, *, l2=0.0, training=False, batch_size=None,
-                 strategy=None, name="data"):
+                 strategy=None, loss_weights=None, name="data"):
         if isinstance(loss, Objective):
-            if l2 or training:
-                given = "l2" if l2 else "training"
+            if l2 or training or loss_weights is not None:
+                given = "l2" if l2 else "training" if training else "loss_weights"
                 raise InputError(f"Pass {given} either in the Objective or to Problem, not both.")
             self.objective = loss
         else:
-            self.objective = Objective(model, loss, l2=l2, training=training)
+            self.objective = Objective(model, loss, l2=l2, training=training, loss_weights=loss_weights)
         self.model = model
         self.variables = select_variables(model, variables)
         self.tf_variables = tf_variables(self.variables)
         self.space = ParameterSpace(self.variables)
         self.batch_size = batch_size
         self.dataset = as_dataset(data, batch_size=batch_size, name=name)
-        self.objective.validate(first_batch(self.dataset, name), name)
+        batch = first_batch(self.dataset, name)
+        self.objective.validate(batch, name)
+        self.warnings = self.objective.check_model(batch, name)
         self.strategy = resolve_strategy(strategy)
         self._weights = None
+        self._data_fingerprint = None
 
     @property
     def dtype(self):
@@ -89,6 +95,42 @@ class Problem:
     def fingerprint(self):
         """`model_fingerprint(self.model)`: changes whenever any weight of the model changes."""
         return model_fingerprint(self.model)
+
+    def data_fingerprint(self):
+        """SHA-256 of the training examples (x, y, w of each, in order), computed once by one streamed pass.
+
+        With the model's fingerprint and the settings it identifies what a result was computed
+        from: `score_to_file` and saved factors refuse to reuse results when it changed (e.g.
+        corrected labels of the same shape). It does not depend on the batching (`batch_sizes`).
+        """
+        if self._data_fingerprint is None:
+            self._data_fingerprint = data_fingerprint(self.dataset, with_sizes=True)
+        return self._data_fingerprint[0]
+
+    def check_data_unchanged(self, fingerprint):
+        """Compares a `Fingerprint` streamed during a full pass over the training data with the first one.
+
+        The first full pass records it; a later pass that read other data (a generator or files
+        behind the dataset changed) is an `InputError`, since results computed from both would mix.
+        """
+        if self._data_fingerprint is None:
+            self._data_fingerprint = (fingerprint.hexdigest(), list(fingerprint.sizes))
+        elif fingerprint.hexdigest() != self._data_fingerprint[0]:
+            raise InputError(
+                "The training data changed between two passes over it (the generator, list or files behind the "
+                "dataset now yield other examples): the prepared curvature and cached results belong to the old "
+                "data, so the scores would mix both. Build a new Influence after changing the data.")
+
+    def batch_sizes(self):
+        """The number of examples in each batch of the training data (read with `data_fingerprint`)."""
+        self.data_fingerprint()
+        return list(self._data_fingerprint[1])
+
+    def settings_fingerprint(self):
+        """What the objective is, besides weights and data: loss, l2, training flag, selected variables."""
+        objective = self.objective
+        variables = [(getattr(v, "path", None) or v.name, tuple(int(d) for d in v.shape)) for v in self.variables]
+        return repr((str(objective.loss_name), objective.l2, bool(objective.training), variables))
 
 
 def model_fingerprint(model):

@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from tf_influence.data import as_dataset
 from tf_influence.errors import InputError
+from tf_influence.influence.measurements import resolve_measurement
 from tf_influence.objective import Objective
 from tf_influence.problem import Problem
 
@@ -60,7 +61,7 @@ def fit_to_optimum(model, loss, train, *, variables=None, l2=0.0, tolerance=1e-1
 
 
 def leave_one_out(model, loss, train, test, indices, *, predicted=None, variables=None, l2=0.0,
-                  tolerance=1e-10, max_iterations=1000, batch_size=None):
+                  tolerance=1e-10, max_iterations=1000, batch_size=None, measurement=None):
     """Retrains without each listed training example and measures the change of each test loss.
 
     The model's weights are restored afterwards, also if an exception escapes.
@@ -73,6 +74,8 @@ def leave_one_out(model, loss, train, test, indices, *, predicted=None, variable
         `Influence.predicted_loss_change`) to correlate with.
       variables, l2: the parameters retrained and the objective's l2 (match the Influence).
       tolerance: L-BFGS gradient tolerance; max_iterations: its iteration cap.
+      measurement: what is measured on the test points instead of the loss (as for
+        `tfi.Influence(measurement=...)`: "margin", "logit", "probability", a function, ...).
 
     Returns:
       A `LeaveOneOutResult`.
@@ -82,7 +85,7 @@ def leave_one_out(model, loss, train, test, indices, *, predicted=None, variable
       >>> result = leave_one_out(model, loss, train, test, idx, predicted=pred, l2=1e-2)
       >>> result.pearson
     """
-    problem = _Retraining(model, loss, train, variables, l2, batch_size)
+    problem = _Retraining(model, loss, train, variables, l2, batch_size, measurement)
     indices = np.atleast_1d(np.asarray(indices))
     if indices.dtype.kind not in "iu" or np.any(indices < 0) or np.any(indices >= problem.n):
         raise InputError(f"indices must be integers in [0, {problem.n}). Received {indices.tolist()}.")
@@ -155,18 +158,19 @@ def linear_datamodeling_score(attributions, retrain_fn, *, num_subsets=50, fract
 
 
 def subset_retrainer(model, loss, train, test, *, variables=None, l2=0.0, tolerance=1e-10,
-                     max_iterations=1000, batch_size=None):
+                     max_iterations=1000, batch_size=None, measurement=None):
     """A `retrain_fn` for `linear_datamodeling_score` on a convex model.
 
     The returned function retrains on the kept training examples with L-BFGS (warm-started from
     the model's weights when the retrainer was made; compiled once and reused for every subset),
-    returns the test losses `[n_test]`, and restores the model's weights.
+    returns the test losses `[n_test]` (or the test `measurement`, as for `tfi.Influence`), and
+    restores the model's weights. Removing a set S and retraining is `retrain(complement of S)`.
 
     Example:
       >>> retrain = subset_retrainer(model, "binary_crossentropy", train, test, l2=0.1)
       >>> lds = linear_datamodeling_score(inf.predicted_loss_change(test), retrain)
     """
-    problem = _Retraining(model, loss, train, variables, l2, batch_size)
+    problem = _Retraining(model, loss, train, variables, l2, batch_size, measurement)
     test_set = as_dataset(test, batch_size=batch_size, name="test")
     start = problem.theta()
 
@@ -189,10 +193,11 @@ def subset_retrainer(model, loss, train, test, *, variables=None, l2=0.0, tolera
 class _Retraining:
     """The mean objective over the selected variables as a function of a flat θ, per-example masks."""
 
-    def __init__(self, model, loss, train, variables, l2, batch_size):
+    def __init__(self, model, loss, train, variables, l2, batch_size, measurement=None):
         problem = Problem(model, loss, train, variables, l2=0.0 if isinstance(loss, Objective) else l2,
                           batch_size=batch_size, name="train")
         self.objective, self.variables = problem.objective, problem.variables
+        self.measurement = resolve_measurement(measurement, problem.objective)
         self.space, self.tf_vars, self.dataset = problem.space, problem.tf_variables, problem.dataset
         self.weights = problem.weights()
         self.n = len(self.weights)
@@ -248,5 +253,5 @@ class _Retraining:
             max_iterations=max_iterations, num_correction_pairs=20)
 
     def test_losses(self, test_set):
-        return np.concatenate([self.objective.per_example_loss(y, self.objective.outputs(x)).numpy()
-                               for x, y, _ in test_set])
+        """The measurement (default: the loss) of each test example `[n_test]`."""
+        return np.concatenate([self.measurement(y, self.objective.outputs(x)).numpy() for x, y, _ in test_set])

@@ -125,10 +125,13 @@ class Factors:
       variables: the selected variables; `space`: their `ParameterSpace`.
       model: the model; `objective`: the `Objective` they were fitted with (None after `load`).
       num_examples: examples seen; `total_weight`: their summed sample weight.
+      model_fingerprint: the fingerprint of the weights they were fitted on (None if unknown).
+      data_fingerprint: the fingerprint of the training examples they were fitted on (None if
+        unknown); computed on first access for freshly fitted factors.
     """
 
     def __init__(self, settings, model, variables, blocks, layers, *, objective=None,
-                 num_examples=0, total_weight=0.0, seconds=0.0):
+                 num_examples=0, total_weight=0.0, seconds=0.0, model_fingerprint=None, data_fingerprint=None):
         self.settings = settings
         self.model = model
         self.variables = list(variables)
@@ -139,6 +142,14 @@ class Factors:
         self.num_examples = int(num_examples)
         self.total_weight = float(total_weight)
         self.seconds = float(seconds)
+        self.model_fingerprint = model_fingerprint
+        self._data_fingerprint = data_fingerprint  # a string, or a function computing it (lazily)
+
+    @property
+    def data_fingerprint(self):
+        if callable(self._data_fingerprint):
+            self._data_fingerprint = self._data_fingerprint()
+        return self._data_fingerprint
 
     @property
     def method(self):
@@ -200,6 +211,7 @@ def fit_factors(problem, *, settings=None, **options):
     elif options:
         raise InputError(f"Pass either settings= or the options {sorted(options)}, not both.")
     objective, dataset = problem.objective, problem.dataset
+    weights_fingerprint = problem.fingerprint()
     blocks = find_blocks(problem.model, problem.variables)
     batch = first_batch(dataset, "data")
     _targets.check_outputs(objective, objective.outputs(batch[0]), settings.fisher)
@@ -220,7 +232,8 @@ def fit_factors(problem, *, settings=None, **options):
     _log.info("fitted %s factors for %d layers on %d examples in %.2fs", settings.method, len(blocks), count,
               seconds)
     return Factors(settings, problem.model, problem.variables, blocks, layers, objective=objective,
-                   num_examples=count, total_weight=total_weight, seconds=seconds)
+                   num_examples=count, total_weight=total_weight, seconds=seconds,
+                   model_fingerprint=weights_fingerprint, data_fingerprint=problem.data_fingerprint)
 
 
 class _Fitter:

@@ -2,9 +2,11 @@
 
 A saved directory holds `factors.npz` (the eigenvectors and eigenvalues) and `settings.json`
 (method, fisher, seed, dtype, loss name, the selected variables' names and shapes, the layers, an
-optional damping, and a fingerprint of the model's weights). `load_factors` refuses a directory
-fitted on another model, another variable selection or other weights, since the curvature would
-silently be wrong for them.
+optional damping, and fingerprints of the weights and of the training examples they were fitted
+on). `load_factors` refuses a directory fitted on another model, another variable selection, other
+weights or (when `data` is given) other training data, since the curvature would silently be wrong
+for them; `EKFAC(factors=...)` refuses factors fitted on other weights or data than its problem's.
+Both files are written atomically, and a directory holding other files of the same names is refused.
 """
 
 import dataclasses
@@ -16,7 +18,10 @@ import tensorflow as tf
 
 from tf_influence.curvature.capture import find_blocks
 from tf_influence.curvature.factors import FactorSettings, Factors, LayerFactors
+from tf_influence.data import as_dataset
+from tf_influence.data import fingerprint as data_fingerprint
 from tf_influence.errors import InputError
+from tf_influence.files import atomic_write_json, check_target
 from tf_influence.params import select_variables
 from tf_influence.problem import model_fingerprint
 
@@ -29,13 +34,20 @@ def save_factors(factors, directory, *, damping=None):
 
     Args:
       factors: fitted `Factors`.
-      directory: a directory path (created if missing); existing files there are overwritten.
+      directory: a directory path (created if missing); factors saved there before are replaced,
+        other files named `settings.json` / `factors.npz` are refused.
       damping: optional damping (a number or "heuristic") stored with the settings.
 
     Example:
       >>> save_factors(factors, "ekfac_factors", damping=1e-3)
       >>> factors, damping = load_factors("ekfac_factors", model)
     """
+    directory = os.fspath(directory)
+    ours = lambda _: _is_saved_factors(directory)  # noqa: E731
+    check_target(directory, "save_factors directory", directory=True, replaceable=lambda _: True, overwrite=True,
+                 create_folder=True)
+    for name in (_SETTINGS, _ARRAYS):
+        check_target(os.path.join(directory, name), "save_factors file", replaceable=ours, create_folder=True)
     os.makedirs(directory, exist_ok=True)
     arrays = {}
     for i, layer in enumerate(factors.layers):
@@ -50,16 +62,26 @@ def save_factors(factors, directory, *, damping=None):
         damping=damping,
         variables=[dict(name=_name(v), shape=[int(d) for d in v.shape]) for v in factors.variables],
         layers=[_layer_record(b) for b in factors.blocks],
-        fingerprint=model_fingerprint(factors.model),
+        fingerprint=factors.model_fingerprint or model_fingerprint(factors.model),
+        data_fingerprint=factors.data_fingerprint,
         num_examples=factors.num_examples,
         total_weight=factors.total_weight,
     )
-    np.savez(os.path.join(directory, _ARRAYS), **arrays)
-    with open(os.path.join(directory, _SETTINGS), "w") as f:
-        json.dump(settings, f, indent=2)
+    staging = os.path.join(directory, ".tmp." + _ARRAYS)
+    np.savez(staging, **arrays)
+    os.replace(staging, os.path.join(directory, _ARRAYS))
+    atomic_write_json(os.path.join(directory, _SETTINGS), settings)
 
 
-def load_factors(directory, model, variables=None, *, objective=None):
+def _is_saved_factors(directory):
+    try:
+        with open(os.path.join(directory, _SETTINGS)) as f:
+            return "format_version" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def load_factors(directory, model, variables=None, *, objective=None, data=None):
     """Loads factors saved by `save_factors` for `model`, refusing a mismatched model.
 
     Args:
@@ -67,6 +89,8 @@ def load_factors(directory, model, variables=None, *, objective=None):
       model: the model the factors are for (same architecture and weights).
       variables: the same variable selection as at fitting time (None: all trainable).
       objective: optional `Objective` to attach (needed only to refit or score training data).
+      data: optional training data (arrays or a dataset); if given, it must be the data the factors
+        were fitted on (same examples in the same order; the batching does not matter).
 
     Returns:
       `(factors, damping)`: the `Factors` and the damping saved with them (None if none was).
@@ -106,6 +130,14 @@ def load_factors(directory, model, variables=None, *, objective=None):
             f"The model's weights differ from those the factors in {directory!r} were fitted on "
             f"(fingerprint {fingerprint[:12]} vs saved {saved['fingerprint'][:12]}): the curvature "
             "would be stale. Load the weights used at fitting time, or refit the factors.")
+    saved_data = saved.get("data_fingerprint")
+    if data is not None:
+        current = data_fingerprint(as_dataset(data, name="data"))
+        if saved_data is None or current != saved_data:
+            raise InputError(
+                f"The training data differ from those the factors in {directory!r} were fitted on (fingerprint "
+                f"{current[:12]} vs saved {str(saved_data)[:12]}): the curvature would be stale. Pass the data used "
+                "at fitting time, or refit the factors.")
     settings = FactorSettings(**saved["settings"])
     dtype = tf.as_dtype(settings.dtype)
     with np.load(arrays_path) as arrays:
@@ -115,7 +147,8 @@ def load_factors(directory, model, variables=None, *, objective=None):
                       for f in dataclasses.fields(LayerFactors)}
             layer_factors.append(LayerFactors(**fields))
     factors = Factors(settings, model, variables, blocks, layer_factors, objective=objective,
-                      num_examples=saved["num_examples"], total_weight=saved["total_weight"])
+                      num_examples=saved["num_examples"], total_weight=saved["total_weight"],
+                      model_fingerprint=saved["fingerprint"], data_fingerprint=saved_data)
     return factors, saved.get("damping")
 
 

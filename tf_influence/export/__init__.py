@@ -4,7 +4,7 @@
   stores.py       what is stored besides the model ("inverse", "factors", "preconditioned")
 """
 
-from tf_influence.export.saved_model import export_saved_model
+from tf_influence.export.saved_model import export_saved_model, is_influence_export
 from tf_influence.export.stores import DEFAULT_MAX_PARAMETERS, STORES
 
-__all__ = ["DEFAULT_MAX_PARAMETERS", "STORES", "export_saved_model"]
+__all__ = ["DEFAULT_MAX_PARAMETERS", "STORES", "export_saved_model", "is_influence_export"]

@@ -2,13 +2,16 @@
 
 Signatures (inputs `x`, `y` shaped like one batch of the training data, any batch size):
 
-  influence(x, y)        -> scores [batch, n_train] (= `Influence.scores`), predictions
+  influence(x, y)        -> scores [batch, n_train] (= `Influence.scores`), predictions, and
+                            measurement [batch] when the Influence has a measurement (margin, ...)
   top_k(x, y, k)         -> helpful_indices, helpful_scores, harmful_indices, harmful_scores [batch, k]
   self_influence(x, y)   -> scores [batch]: g(x, y)ᵀ (H + λI)⁻¹ g(x, y), for screening new data
   serving_default(x)     -> predictions
 
 Every signature computes the per-example loss gradients `g` of its batch in the graph, from the
-stored model, and multiplies them by stored matrices. What is stored (`store=`), all as
+stored model, and multiplies them by stored matrices. With a measurement m (`Influence(measurement=
+...)`), `influence` and `top_k` take the test gradients of `σ·m` instead (the measurement is traced
+into the graph; `self_influence` stays that of the loss). What is stored (`store=`), all as
 `tf.Variable`s (never graph constants), with p selected parameters and n training examples:
 
   ============== ============================================ ========================= ================
@@ -31,9 +34,12 @@ but `self_influence` of new points is not available (the signature is left out).
 `store="auto"` picks "factors" for EKFAC/KFAC, else "inverse" up to `max_parameters`, and
 otherwise refuses with these options. The n·p training-gradient term is in every form.
 
-A string variable `settings` (JSON: method, store, damping, l2, curvature, variables, n_train,
-parameters, input specs) records what the scores mean. The SavedModel needs only TensorFlow to
-load (`tf.saved_model.load`, `saved_model_cli`, TF Serving); tf_influence is not imported.
+A string variable `settings` (JSON: method, store, damping and how it was chosen, l2, curvature,
+variables, n_train, parameters, input specs, fingerprints of the weights and the training data)
+records what the scores mean; the same JSON is written beside the SavedModel as
+`tf_influence_export.json`, which marks the directory as an export that `overwrite=True` may
+replace. The SavedModel needs only TensorFlow to load (`tf.saved_model.load`, `saved_model_cli`,
+TF Serving); tf_influence is not imported.
 
 Serving-time validation: the input signature fixes the feature shape and the dtypes (a wrong
 width or label dtype is refused before anything runs); assertions refuse x/y batch mismatches,
@@ -48,8 +54,10 @@ import tensorflow as tf
 
 from tf_influence.errors import InputError
 from tf_influence.export.stores import DEFAULT_MAX_PARAMETERS, choose_store, flat_arrays, precondition, stored_arrays
-from tf_influence.files import atomic_write_dir
+from tf_influence.files import atomic_write_dir, check_target
 from tf_influence.influence import gradients as _gradients
+
+MARKER = "tf_influence_export.json"  # the export's settings, beside the SavedModel: marks it as ours
 
 
 def export_saved_model(influence, path, *, overwrite=False, store="auto", max_parameters=DEFAULT_MAX_PARAMETERS):
@@ -57,9 +65,11 @@ def export_saved_model(influence, path, *, overwrite=False, store="auto", max_pa
 
     Args:
       influence: a `tfi.Influence` (one input tensor, one label tensor).
-      path: target directory. Written atomically: into a temporary directory beside it, then
-        renamed, so an interrupted export never leaves a half-written model at `path`.
-      overwrite: replace an existing `path` (otherwise an existing path is an `InputError`).
+      path: target directory (missing parent folders are created). Checked before anything is
+        computed, then written atomically: into a temporary directory beside it, then renamed,
+        so an interrupted export never leaves a half-written model at `path`.
+      overwrite: replace an existing `path` that is a previous export of tf_influence (anything
+        else that exists, a file or another directory, is never replaced: `InputError`).
       store: "auto", "inverse", "factors" or "preconditioned"; what each stores and costs is in
         the module docstring.
       max_parameters: the largest p for which the dense `[p, p]` inverse is stored
@@ -77,9 +87,8 @@ def export_saved_model(influence, path, *, overwrite=False, store="auto", max_pa
       >>> scorer = tf.saved_model.load("influence_model")
       >>> scorer.signatures["influence"](x=x_test, y=y_test)["scores"]   # [n_test, n_train]
     """
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise InputError(f"{path!r} already exists. Pass overwrite=True to replace it.")
+    path = check_target(path, "export path", directory=True, replaceable=is_influence_export, overwrite=overwrite,
+                        create_folder=True)
     store = choose_store(influence, store, max_parameters)
     x_spec, y_spec = _input_specs(influence)
     arrays = stored_arrays(influence, store)
@@ -87,12 +96,39 @@ def export_saved_model(influence, path, *, overwrite=False, store="auto", max_pa
     signatures = {"influence": module.influence, "top_k": module.top_k, "serving_default": module.predict}
     if store != "preconditioned":
         signatures["self_influence"] = module.self_influence
-    atomic_write_dir(path, lambda staging: tf.saved_model.save(module, staging, signatures=signatures),
-                     overwrite=overwrite)
+
+    def write(staging):
+        tf.saved_model.save(module, staging, signatures=signatures)
+        with open(os.path.join(staging, MARKER), "w") as f:
+            f.write(module.settings.numpy().decode())
+
+    atomic_write_dir(path, write, overwrite=overwrite)
     size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
     return {"path": path, "bytes": size, "store": store, "signatures": sorted(signatures),
             "parameters": influence.space.size, "n_train": module.n_train_value,
             "arrays": {name: list(np.shape(a)) for name, a in flat_arrays(arrays).items()}}
+
+
+def is_influence_export(path):
+    """True when the directory `path` is a SavedModel written by `export_saved_model` (which `overwrite` may replace).
+
+    Recognised by the settings file it writes beside the SavedModel, or (exports from earlier
+    versions) by its `influence` and `top_k` signatures.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+        return False
+    if os.path.isfile(os.path.join(path, MARKER)):
+        return True
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    try:
+        with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+            proto.ParseFromString(f.read())
+    except Exception:  # noqa: BLE001 - not a readable SavedModel: not ours
+        return False
+    return any({"influence", "top_k"} <= set(graph.signature_def) for graph in proto.meta_graphs)
 
 
 class _InfluenceModule(tf.Module):
@@ -121,7 +157,7 @@ class _InfluenceModule(tf.Module):
             with tf.control_dependencies(checks):  # everything computed from x runs after the checks
                 return tf.identity(x)
 
-        def gradients(x, y):
+        def gradients(x, y, objective=objective):
             checks = [_assert_shape(y, y_spec), tf.debugging.assert_equal(
                 tf.shape(x)[0], tf.shape(y)[0], message="x and y must hold the same number of examples")]
             if classes is not None:
@@ -137,13 +173,16 @@ class _InfluenceModule(tf.Module):
             return precondition(self.stored, store, layers, space.sizes, g, dtype)
 
         def scores(x, y):
-            g = gradients(x, y)
+            g = gradients(x, y, influence.test_objective)
             if store == "preconditioned":
                 return tf.matmul(g, self.stored["preconditioned"], transpose_b=True)
             return tf.matmul(preconditioned(g), self.stored["train_gradients"], transpose_b=True)
 
         def influence_fn(x, y):
-            return {"scores": scores(x, y), "predictions": objective.outputs(validated_x(x))}
+            result = {"scores": scores(x, y), "predictions": objective.outputs(validated_x(x))}
+            if not influence.measurement.is_loss:
+                result["measurement"] = influence.measurement(y, result["predictions"])
+            return result
 
         def top_k_fn(x, y, k):
             with tf.control_dependencies([
@@ -206,13 +245,20 @@ def _label_classes(influence, y_spec):
 
 def _settings(influence, store, x_spec, y_spec, n_train):
     damping = influence.damping
+    choice = influence.damping_choice
     return {
         "method": influence.method, "store": store,
         "damping": damping if isinstance(damping, str) else float(damping),
+        "damping_source": choice.source, "damping_reason": choice.reason,
+        "model_fingerprint": influence.problem.fingerprint(), "data_fingerprint": influence.problem.data_fingerprint(),
         "l2": float(influence.objective.l2), "curvature": influence.source.curvature,
         "variables": [v.path if hasattr(v, "path") else v.name for v in influence.problem.variables],
         "parameters": influence.space.size, "n_train": n_train,
         "x": {"shape": x_spec.shape.as_list(), "dtype": x_spec.dtype.name},
         "y": {"shape": y_spec.shape.as_list(), "dtype": y_spec.dtype.name},
-        "sign": "positive score = the training example helped (removal raises the test loss by score/n)",
+        "measurement": influence.measurement.name, "higher_is_better": influence.measurement.higher_is_better,
+        "sign": ("positive score = the training example helped (removal raises the test loss by score/n)"
+                 if influence.measurement.is_loss else
+                 f"positive score = the training example helped: removal changes {influence.measurement.name} by "
+                 f"{'-' if influence.measurement.higher_is_better else '+'}score/n"),
     }

@@ -14,6 +14,7 @@ The stages: a `Problem` (model, loss, data, variables) is validated once; the me
 once per model weights; scoring multiplies training gradients with the prepared test directions.
 """
 
+import dataclasses
 import hashlib
 import warnings
 
@@ -23,15 +24,21 @@ import tensorflow as tf
 
 from tf_influence import arguments
 from tf_influence import distribute as _distribute
-from tf_influence.errors import InputError
+from tf_influence.data import Fingerprint, first_batch
+from tf_influence.errors import InputError, NotFiniteError
 from tf_influence.influence import gradients as _gradients
+from tf_influence.influence import group as _group
+from tf_influence.influence import per_layer as _per_layer
+from tf_influence.influence.measurements import MeasuredObjective, resolve_measurement
 from tf_influence.influence.topk import top_k as _top_k
 from tf_influence.operators.source import CurvatureSource
 from tf_influence.problem import Problem
 from tf_influence.solvers.dispatch import make_solver
+from tf_influence.solvers.info import SolveInfo
 from tf_influence.solvers.method import Prepared
 
 _SOLVE_CHUNK = 256
+_ZERO_COLUMNS_WARNING = 0.1  # fraction of training examples with all-zero scores that is warned about
 
 
 class Influence:
@@ -46,13 +53,17 @@ class Influence:
         or variables. `variables=model.layers[-1]` studies the last layer with the rest frozen.
       method: IHVP method name (`"direct"`, `"cg"`, `"lissa"`, `"scipy"`, `"ekfac"`, `"kfac"`,
         `"chain"`) or a method object such as `tfi.solvers.CG(tol=1e-8)`.
-      damping: λ ≥ 0; every method solves `(H + λI) x = b`.
+      damping: λ ≥ 0; every method solves `(H + λI) x = b`. None (default): chosen from the
+        curvature's spectrum, the smallest λ that makes `H + λI` positive definite with condition
+        ≤ ~100 (`tf_influence.operators.damping`); `damping_choice`, `SolveInfo.extra["damping"]`,
+        `["damping_source"]`, `["damping_reason"]` and the log say what was chosen and why.
       l2: extra `(l2/2)·‖θ‖²` in the objective (use the weight decay the model was trained with).
       curvature: `"hessian"` or `"gauss_newton"` (PSD; safer for non-convex models).
       batch_size: batch size for array data.
       mode: HVP mode (`"forward_over_back"`, `"back_over_back"`, `"finite_difference"`).
       training: `training` flag the model is called with.
-      progress: show progress bars on long loops.
+      progress: show progress bars on long loops (also the method's own, e.g. LiSSA's, unless its
+        `progress` option was set).
       strategy: a `tf.distribute.Strategy` that every data pass (curvature products, gradients,
         scores) splits its batches across, or None for the strategy whose `scope()` is active
         (single device outside every scope). Results equal the single-device ones.
@@ -61,6 +72,11 @@ class Influence:
       on_unsafe_layers: `"raise"` (default), `"warn"` or `"ignore"` when a layer whose second
         derivatives stay wrong (`tf_influence.normalization.inexact_layers`) lies on the selected
         path of exact Hessian products (see `HessianOperator`).
+      loss_weights: for per-output losses of a multi-output model (`loss` a dict or list), their
+        weights as in `model.compile(loss_weights=...)`.
+      measurement: what is attributed on the test side: None (the loss), "margin", "logit",
+        "probability", an output name, a `tfi.Measurement` or a function `fn(y_true, y_pred) ->
+        [batch]` (see `tf_influence.influence.measurements`). Positive scores mean helpful either way.
       **method_options: options of the method (e.g. `tol`, `maxiter` for CG).
 
     Attributes:
@@ -77,13 +93,16 @@ class Influence:
       >>> top.harmful_indices[0]                         # the 5 most harmful for test point 0
     """
 
-    def __init__(self, model, loss, train, *, variables=None, method="cg", damping=0.0, l2=0.0,
+    def __init__(self, model, loss, train, *, variables=None, method="cg", damping=None, l2=0.0,
                  curvature="hessian", batch_size=None, mode="forward_over_back", training=False,
-                 progress=True, strategy=None, jit_compile=False, on_unsafe_layers="raise", **method_options):
+                 progress=True, strategy=None, jit_compile=False, on_unsafe_layers="raise", loss_weights=None,
+                 measurement=None, **method_options):
         arguments.one_of(on_unsafe_layers, "on_unsafe_layers", ("raise", "warn", "ignore"))
         self.solver = make_solver(method, **method_options)
+        if dataclasses.is_dataclass(self.solver) and getattr(self.solver, "progress", False) is None:
+            self.solver = dataclasses.replace(self.solver, progress=bool(progress))  # the method's own not set
         self.problem = Problem(model, loss, train, variables, l2=l2, training=training, batch_size=batch_size,
-                               strategy=strategy, name="train")
+                               strategy=strategy, loss_weights=loss_weights, name="train")
         self.source = CurvatureSource(self.problem, damping=damping, curvature=curvature, mode=mode,
                                       jit_compile=jit_compile, on_unsafe_layers=on_unsafe_layers)
         self.model = model
@@ -94,6 +113,10 @@ class Influence:
         self.last_solve_info = None
         self.gradients = self._compiled(_gradients.per_example_gradients)
         self.gradient_dots = self._compiled(_gradients.gradient_dot)
+        self.measurement = resolve_measurement(measurement, self.objective)
+        self.test_objective = (self.objective if self.measurement.is_loss
+                               else MeasuredObjective(self.objective, self.measurement))
+        self.test_gradients = self._compiled(_gradients.per_example_gradients, self.test_objective)
         self._prepared = None
         self._cache = {}
         self._fingerprint = self.problem.fingerprint()
@@ -104,7 +127,16 @@ class Influence:
 
     @property
     def damping(self):
+        """λ. With `damping=None` it is chosen when the method is prepared (reading it prepares the method)."""
+        if self.source.damping_choice is None:
+            self.prepared()
         return self.source.damping
+
+    @property
+    def damping_choice(self):
+        """The `DampingChoice` (value, source "given"/"lanczos"/"factors", reason); prepares the method if needed."""
+        _ = self.damping  # resolves it
+        return self.source.damping_choice
 
     @property
     def strategy(self):
@@ -147,15 +179,24 @@ class Influence:
         """`(H + λI)⁻¹` on rows `[k, p]` with the prepared method; sets `last_solve_info`."""
         rows = tf.convert_to_tensor(rows, self.space.dtype)
         solution, info = self.prepared().solve(rows)
+        choice = self.source.damping_choice
+        if choice is not None and isinstance(info, SolveInfo):
+            info = dataclasses.replace(info, extra={**info.extra, **choice.report()})
         self.last_solve_info = info
         return solution
 
     def test_dataset(self, test):
         """`test` as a validated dataset of `(x, y, w)` batches, batched like the training data."""
-        return self.problem.batched(test, "test")
+        dataset = self.problem.batched(test, "test")
+        if not self.measurement.is_loss:
+            self.test_objective.validate(first_batch(dataset, "test"), "test")
+        return dataset
 
     def test_inverse_hvps(self, test):
-        """`[n_test, p]`: `(H + λI)⁻¹ ∇ℓ(z_test)` for each test example, computed once and cached."""
+        """`[n_test, p]`: `(H + λI)⁻¹ ∇ℓ(z_test)` for each test example, computed once and cached.
+
+        With a measurement m, `∇ℓ(z_test)` is `σ·∇m(z_test)` (σ = −1 when higher m is better).
+        """
         self.check_weights()
         keys, gradients = [], []
         for batch in self.test_dataset(test):
@@ -163,7 +204,7 @@ class Influence:
             keys.extend(batch_keys)
             missing = [i for i, key in enumerate(batch_keys) if key not in self._cache]
             if missing:
-                grads = self.gradients(batch).numpy()
+                grads = self.test_gradients(batch).numpy()
                 gradients.extend((batch_keys[i], grads[i]) for i in missing)
         pending = {}
         for key, grad in gradients:
@@ -178,17 +219,44 @@ class Influence:
     def scores(self, test):
         """`[n_test, n_train]` influence scores `∇ℓ(z_test)ᵀ (H + λI)⁻¹ ∇ℓ(zᵢ)`; positive = helpful."""
         directions = tf.constant(self.test_inverse_hvps(test), self.space.dtype)
-        columns = [self.gradient_dots(batch, directions).numpy()
-                   for batch in self._progress(self.problem.dataset, "scoring")]
-        return np.concatenate(columns, axis=0).T
+        seen, columns = Fingerprint(), []
+        for batch in self._progress(self.problem.dataset, "scoring"):
+            seen.update(batch)
+            columns.append(self.gradient_dots(batch, directions).numpy())
+        self.problem.check_data_unchanged(seen)
+        return check_scores(np.concatenate(columns, axis=0).T)
+
+    def predicted_change(self, test):
+        """`[n_test, n_train]`: predicted change of each test measurement (default: the loss) if that
+        training point is removed: `σ · scores · wᵢ / Σw` (`scores / n_train` for the loss, unweighted).
+        """
+        weights = self.problem.weights()
+        return self.measurement.orientation * self.scores(test) * (weights / weights.sum())[np.newaxis, :]
 
     def predicted_loss_change(self, test):
         """`[n_test, n_train]`: predicted change of each test loss if that training point is removed.
 
         Equals `scores / n_train` without sample weights (`scores · wᵢ / Σw` with them).
         """
-        weights = self.problem.weights()
-        return self.scores(test) * (weights / weights.sum())[np.newaxis, :]
+        if not self.measurement.is_loss:
+            raise InputError(f"This Influence measures {self.measurement.name!r}, not the loss; use "
+                             "predicted_change(test) for the predicted change of the measurement.")
+        return self.predicted_change(test)
+
+    def layer_scores(self, test):
+        """`{layer name: [n_test, n_train]}`: `scores(test)` split by layer; the parts sum to the scores.
+
+        See `tf_influence.influence.per_layer` for what each part means for each method.
+        """
+        return _per_layer.layer_scores(self, test)
+
+    def group_influence(self, test, groups, *, order=2):
+        """Predicted change of each test measurement when each group of training examples is removed.
+
+        First order (the sum of the individual predicted changes) and, with `order=2`, Basu et al.'s
+        second-order group influence; a `GroupInfluence` (see `tf_influence.influence.group`).
+        """
+        return _group.group_influence(self, test, groups, order=order)
 
     def top_k(self, test, k):
         """The `k` most helpful and most harmful training examples for each test example (a `TopK`)."""
@@ -237,7 +305,11 @@ class Influence:
         return solution * (weights[indices] / weights.sum())[:, np.newaxis]
 
     def check_weights(self):
-        """Drops cached solutions and prepared state (with a warning) if the model's weights changed."""
+        """Drops cached solutions and prepared state (with a warning) if the model's weights changed.
+
+        The other inputs are fixed when the Influence is built; every full pass of `scores` also checks
+        that the training data still are those of the first pass (`Problem.check_data_unchanged`).
+        """
         fingerprint = self.problem.fingerprint()
         if fingerprint != self._fingerprint:
             warnings.warn("The model's weights changed since the inverse-HVPs were cached; recomputing.",
@@ -247,12 +319,13 @@ class Influence:
 
     # -- Internals ------------------------------------------------------------------------------
 
-    def _compiled(self, fn):
+    def _compiled(self, fn, objective=None):
         """`fn(objective, tf_vars, space, batch, *args)` over one batch, compiled, split across replicas."""
         problem = self.problem
+        objective = objective if objective is not None else problem.objective
 
         def per_batch(batch, *args):
-            return fn(problem.objective, problem.tf_variables, problem.space, batch, *args)
+            return fn(objective, problem.tf_variables, problem.space, batch, *args)
 
         if problem.strategy is None:
             return tf.function(per_batch, reduce_retracing=True)
@@ -266,6 +339,25 @@ class Influence:
         for step, batch in enumerate(dataset):
             yield batch
             bar.update(step + 1)
+
+
+def check_scores(scores):
+    """`scores` `[n_test, n_train]` after checks: NaN/Inf is an error; many all-zero columns are warned about."""
+    finite = np.isfinite(scores)
+    if not finite.all():
+        columns = np.flatnonzero(~finite.all(axis=0))
+        raise NotFiniteError(
+            f"{int((~finite).sum())} influence scores are NaN/Inf (training examples {columns[:10].tolist()}"
+            f"{' ...' if len(columns) > 10 else ''}): their loss or gradient overflowed. Check those examples, the "
+            "model's weights (very large weights saturate and overflow the loss), or compute in float64.")
+    zero = np.all(scores == 0, axis=0)
+    if scores.shape[0] and zero.mean() >= _ZERO_COLUMNS_WARNING:
+        warnings.warn(
+            f"{int(zero.sum())} of {scores.shape[1]} training examples have a score of exactly 0 for every test "
+            "point: their loss gradients are 0. With a cross-entropy loss this means saturated outputs (the "
+            "probabilities round to 1, e.g. from very large weights), whose influence is lost to rounding; check "
+            "the model, or compute in float64.", stacklevel=3)
+    return scores
 
 
 def _example_keys(batch):

@@ -7,7 +7,12 @@ is interrupted (Ctrl-C, a pre-empted machine) resumes where it stopped when call
 Files next to `path` (e.g. `scores.npy`):
   scores.npy              the matrix (float64), valid for the batches recorded as done
   scores.npy.ihvp.npy     the test inverse-HVPs `[n_test, p]` (computed once, reused on resume)
-  scores.npy.progress.json  fingerprint of the run (weights, test data, settings) and batches done
+  scores.npy.progress.json  fingerprint of the run (weights, training data, test data, settings) and batches done
+
+A run is resumed only when everything the scores depend on is unchanged: the model's weights, the
+training data as batched (a streamed hash over every batch: corrected labels of the same shape
+count), the test data, and the settings (loss, l2, training flag, variables, method and its
+options, damping, curvature, mode). Otherwise the error says which of them changed.
 """
 
 import hashlib
@@ -19,8 +24,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_influence.data import Fingerprint
+from tf_influence.data import fingerprint as data_fingerprint
 from tf_influence.errors import InputError
-from tf_influence.files import atomic_save_npy, atomic_write_json
+from tf_influence.files import atomic_save_npy, atomic_write_json, check_target
 
 
 def score_to_file(influence, test, path, *, resume=True, progress=None):
@@ -29,13 +36,15 @@ def score_to_file(influence, test, path, *, resume=True, progress=None):
     Args:
       influence: a `tfi.Influence`.
       test: test data, arrays or tf.data (as for `Influence.scores`).
-      path: output `.npy` file.
-      resume: continue an interrupted run for the same model weights, test data and settings
-        (refused with an error if they differ); `False` starts over.
+      path: output `.npy` file. Its folder must exist and be writable; an existing file there is
+        replaced only if it is a previous output of `score_to_file` (it has its progress file).
+      resume: continue an interrupted run for the same model weights, training data, test data
+        and settings (refused with an error naming what differs); `False` starts over.
       progress: show a progress bar with an ETA (default: `influence.progress`).
 
     Returns:
-      The scores as a read-only `np.memmap` `[n_test, n_train]` (positive = helpful).
+      The scores as a read-only `np.memmap` `[n_test, n_train]` (positive = helpful), of the
+      Influence's measurement (the loss by default).
 
     Example:
       >>> scores = tfi.score_to_file(inf, (x_test, y_test), "scores.npy")   # Ctrl-C, then again:
@@ -46,13 +55,18 @@ def score_to_file(influence, test, path, *, resume=True, progress=None):
     if not path.endswith(".npy"):
         raise InputError(f"path must end with '.npy' (a NumPy file). Received {path!r}.")
     state_path, ihvp_path = path + ".progress.json", path + ".ihvp.npy"
+    check_target(path, "score_to_file path", replaceable=lambda _: _read_state(state_path) is not None)
+    for companion in (state_path, ihvp_path):  # the library's own names: never a user's file
+        check_target(companion, "score_to_file progress file", replaceable=lambda _: True)
     dataset = influence.test_dataset(test)
-    fingerprint = _fingerprint(influence, dataset)
+    parts = _fingerprints(influence, dataset)
+    fingerprint = _combined(parts)
     state = _read_state(state_path)
     if state is not None and resume and state["fingerprint"] != fingerprint:
+        changed = [name for name, value in parts.items() if state.get("parts", {}).get(name) != value]
         raise InputError(
-            f"{path!r} holds a run for other model weights, test data or settings; it cannot be resumed. "
-            "Pass resume=False to start over, or another path.")
+            f"{path!r} holds a run for other {', '.join(changed) or 'inputs'} than this call's; it cannot be resumed "
+            "(its scores would be stale or mixed). Pass resume=False to start over, or another path.")
     n_train = influence.n_train
     if state is not None and resume and os.path.exists(path) and os.path.exists(ihvp_path):
         directions = np.load(ihvp_path)
@@ -61,9 +75,9 @@ def score_to_file(influence, test, path, *, resume=True, progress=None):
     else:
         directions = influence.test_inverse_hvps(dataset)
         atomic_save_npy(ihvp_path, directions)
+        _write_state(state_path, fingerprint, 0, False, parts=parts)  # first: `path` is then known to be ours
         scores = np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=(len(directions), n_train))
         done = 0
-        _write_state(state_path, fingerprint, 0, False)
     if scores.shape != (len(directions), n_train):
         raise InputError(f"{path!r} has shape {scores.shape}; expected {(len(directions), n_train)}.")
 
@@ -75,16 +89,21 @@ def score_to_file(influence, test, path, *, resume=True, progress=None):
                               unit_name="batch")
     offset = _offset_after(train, done)
     started = time.perf_counter()
+    seen = Fingerprint() if done == 0 else None  # a full pass: check that it read the data of the others
     for step, batch in enumerate(train.skip(done), start=done):
+        if seen is not None:
+            seen.update(batch)
         columns = influence.gradient_dots(batch, directions_tensor).numpy()  # [batch, n_test]
         scores[:, offset:offset + len(columns)] = columns.T
         scores.flush()
         offset += len(columns)
-        _write_state(state_path, fingerprint, step + 1, False)
+        _write_state(state_path, fingerprint, step + 1, False, parts=parts)
         bar.update(step + 1)
     if offset != n_train:
         raise InputError(f"Scored {offset} training examples but the data holds {n_train}; was it changed?")
-    _write_state(state_path, fingerprint, _read_state(state_path)["batches_done"], True,
+    if seen is not None:
+        influence.problem.check_data_unchanged(seen)
+    _write_state(state_path, fingerprint, _read_state(state_path)["batches_done"], True, parts=parts,
                  seconds=time.perf_counter() - started)
     del scores
     return np.load(path, mmap_mode="r")
@@ -97,23 +116,35 @@ def _offset_after(train, batches):
     return sum(int(tf.shape(w)[0]) for _, _, w in train.take(batches))
 
 
-def _fingerprint(influence, test_dataset):
-    digest = hashlib.sha1()
-    digest.update(influence.check_weights().encode())  # the model weights (refreshes stale caches)
-    settings = (influence.method, influence.damping, influence.objective.l2, influence.source.curvature,
-                influence.space.size, influence.n_train, repr(influence.solver))
-    digest.update(repr(settings).encode())
-    for x, y, _ in test_dataset:
-        for t in tf.nest.flatten((x, y)):
-            digest.update(np.ascontiguousarray(t.numpy()).tobytes())
-    return digest.hexdigest()
+def _fingerprints(influence, test_dataset):
+    """Hashes of everything the scores depend on, by name (the names appear in the refusal message)."""
+    source = influence.source
+    settings = (influence.method, repr(influence.solver), repr(source.requested_damping), source.curvature,
+                repr(influence.measurement),
+                repr(sorted(source.hessian_options.items())), influence.problem.settings_fingerprint())
+    return {
+        "model weights": influence.check_weights(),  # (also refreshes stale caches)
+        "training data": influence.problem.data_fingerprint(),
+        "batching": hashlib.sha256(repr(influence.problem.batch_sizes()).encode()).hexdigest(),
+        "test data": data_fingerprint(test_dataset),
+        "settings": hashlib.sha256(repr(settings).encode()).hexdigest(),
+    }
+
+
+def _combined(parts):
+    return hashlib.sha256(repr(sorted(parts.items())).encode()).hexdigest()
 
 
 def _read_state(state_path):
-    if not os.path.exists(state_path):
+    """The progress record, or None when there is none (or the file is not one of ours)."""
+    if not os.path.isfile(state_path):
         return None
-    with open(state_path) as f:
-        return json.load(f)
+    try:
+        with open(state_path) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and {"fingerprint", "batches_done"} <= set(state) else None
 
 
 def _write_state(state_path, fingerprint, batches_done, complete, **extra):

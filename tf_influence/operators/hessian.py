@@ -12,6 +12,7 @@ from tf_influence import distribute as _distribute
 from tf_influence.curvature import products as _products
 from tf_influence.data import first_batch
 from tf_influence.errors import InputError, NotFiniteError, ResourceError, SecondDerivativeError
+from tf_influence.operators.damping import DampingChoice, lanczos_damping
 from tf_influence.operators.minibatch import MinibatchCurvature
 from tf_influence.operators.rows import RowsOperator
 from tf_influence.problem import Problem
@@ -36,7 +37,9 @@ class HessianOperator(RowsOperator):
       loss: a Keras loss, loss name, or callable giving per-example losses.
       data: `(x, y)` / `(x, y, w)` arrays or a batched `tf.data.Dataset` of such tuples.
       variables: `None` for all trainable variables, or layers / layer names / variables.
-      damping: λ ≥ 0 added to the diagonal.
+      damping: λ ≥ 0 added to the diagonal, or None to choose it from the spectrum when the
+        operator is built (30 Lanczos products of the undamped operator; the rule is in
+        `tf_influence.operators.damping`). `damping_choice` says what was chosen and why.
       l2: extra `(l2/2)·‖θ‖²` in the objective.
       curvature: `"hessian"` or `"gauss_newton"`.
       mode: `"forward_over_back"` (default), `"back_over_back"` or `"finite_difference"`.
@@ -73,21 +76,32 @@ class HessianOperator(RowsOperator):
     def __init__(self, model, loss=None, data=None, variables=None, *, damping=0.0, l2=0.0,
                  curvature="hessian", mode="forward_over_back", batch_size=None, step=None,
                  training=False, on_unsafe_layers="raise", jit_compile=False,
-                 is_positive_definite=None, strategy=None, name="HessianOperator"):
+                 is_positive_definite=None, strategy=None, loss_weights=None, name="HessianOperator"):
         arguments.one_of(mode, "mode", _products.MODES)
         arguments.one_of(curvature, "curvature", _products.CURVATURES)
         arguments.one_of(on_unsafe_layers, "on_unsafe_layers", ("raise", "warn", "ignore"))
-        damping = arguments.nonnegative_float(damping, "damping")
+        choice = damping if isinstance(damping, DampingChoice) else None
+        if choice is not None:
+            damping = choice.value
+        if damping is not None:
+            damping = arguments.nonnegative_float(damping, "damping")
         if isinstance(model, Problem):
             given = {k: v for k, v in dict(loss=loss, data=data, variables=variables, l2=l2, training=training,
-                                           batch_size=batch_size, strategy=strategy).items() if v}
+                                           batch_size=batch_size, strategy=strategy,
+                                           loss_weights=loss_weights).items() if v}
             if given:
                 raise InputError(f"HessianOperator(problem, ...) takes its {sorted(given)} from the Problem; "
                                  "do not pass them again.")
             problem = model
         else:
             problem = Problem(model, loss, data, variables, l2=l2, training=training, batch_size=batch_size,
-                              strategy=strategy)
+                              strategy=strategy, loss_weights=loss_weights)
+        if damping is None:  # chosen from the spectrum of the undamped operator (same options)
+            undamped = HessianOperator(problem, damping=0.0, curvature=curvature, mode=mode, step=step,
+                                       on_unsafe_layers=on_unsafe_layers, jit_compile=jit_compile)
+            choice = lanczos_damping(undamped)
+            damping = choice.value
+        self.damping_choice = choice or DampingChoice.given(damping)
         self.problem = problem
         self.source = None  # the CurvatureSource that built or wraps this operator, if any
         self.space = problem.space
@@ -186,7 +200,7 @@ class HessianOperator(RowsOperator):
 
     def with_options(self, **changes):
         """A new operator on the same problem (model, loss, data, variables) with some options changed."""
-        options = dict(damping=self.damping, curvature=self.curvature, mode=self.mode, step=self.step,
+        options = dict(damping=self.damping_choice, curvature=self.curvature, mode=self.mode, step=self.step,
                        on_unsafe_layers=self._on_unsafe_layers, jit_compile=self.jit_compile,
                        is_positive_definite=self._pd_promise)
         options.update(changes)

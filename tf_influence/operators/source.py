@@ -7,6 +7,9 @@ checks the second derivatives of) a Hessian operator. Everything built is kept f
 
 All operators from one source share the damping λ and the meaning of `(H + λI) x = b`: the EKFAC
 operator approximates `H + λI` with `C + (λ + l2)·I`, since the l2 term's curvature is exactly l2·I.
+With `damping=None` λ is chosen once, from the spectrum of the first curvature a method asks for
+(Lanczos on the exact operator, or the factored eigenvalues for EKFAC/KFAC, which build no exact
+products; see `tf_influence.operators.damping`), and every later operator uses that same λ.
 Factors and chain blocks are computed from the model's current weights and cached under their
 fingerprint, so they are refitted (not silently reused) after the weights change; the Hessian
 operator computes every product afresh and is built once.
@@ -14,9 +17,11 @@ operator computes every product afresh and is built once.
 
 import warnings
 
+from tf_influence import arguments
 from tf_influence.curvature.factors import FactorSettings, fit_factors
 from tf_influence.errors import InputError
 from tf_influence.operators.chain import ChainHessian
+from tf_influence.operators.damping import DampingChoice, factor_damping
 from tf_influence.operators.ekfac import EKFACOperator
 from tf_influence.operators.hessian import HessianOperator
 
@@ -26,7 +31,8 @@ class CurvatureSource:
 
     Args:
       problem: a `tfi.Problem`, or None for a source that only wraps a given operator (`of`).
-      damping: λ ≥ 0; every operator represents `(curvature) + λI`.
+      damping: λ ≥ 0; every operator represents `(curvature) + λI`. None: chosen from the
+        curvature's spectrum when the first operator is built (`damping_choice` says how).
       curvature: "hessian" or "gauss_newton" (for the exact operators).
       **hessian_options: more `HessianOperator` options (mode, jit_compile, on_unsafe_layers, step).
 
@@ -39,7 +45,9 @@ class CurvatureSource:
 
     def __init__(self, problem, *, damping=0.0, curvature="hessian", **hessian_options):
         self.problem = problem
-        self.damping = damping
+        self.requested_damping = damping
+        self.damping_choice = None if damping is None else DampingChoice.given(
+            arguments.nonnegative_float(damping, "damping"))
         self.curvature = curvature
         self.hessian_options = hessian_options
         self._hessian = None
@@ -54,6 +62,7 @@ class CurvatureSource:
         problem = getattr(operator, "problem", None)
         if isinstance(operator, HessianOperator):
             source = cls(problem, damping=operator.damping, curvature=operator.curvature)
+            source.damping_choice = operator.damping_choice
         else:
             source = cls(problem, damping=float(getattr(operator, "damping", 0.0) or 0.0))
         existing = getattr(operator, "source", None)
@@ -64,13 +73,21 @@ class CurvatureSource:
             operator.source = source  # later calls with this operator reuse the fitted factors
         return source
 
+    @property
+    def damping(self):
+        """λ. With `damping=None` and nothing built yet, it is chosen now (Lanczos on the exact operator)."""
+        if self.damping_choice is None:
+            self.hessian()
+        return self.damping_choice.value
+
     def hessian(self):
         """`H + λI` (or the Gauss-Newton matrix + λI) as a `HessianOperator` (exact products)."""
         if self._hessian is None:
             self._hessian = HessianOperator(self._needs_problem("exact curvature products"),
-                                            damping=self.damping, curvature=self.curvature,
+                                            damping=self.damping_choice, curvature=self.curvature,
                                             **self.hessian_options)
             self._hessian.source = self
+            self.damping_choice = self._hessian.damping_choice
             self.built.append("hessian")
         return self._hessian
 
@@ -94,7 +111,15 @@ class CurvatureSource:
                 "The model has weight regularisers (model.losses); KFAC/EKFAC leave out their curvature "
                 "(only l2= is added exactly). Use the objective's l2 option instead, or a CG/direct solve.",
                 stacklevel=3)
-        return EKFACOperator(factors, damping=float(self.damping) + float(objective.l2), dtype=self.problem.dtype)
+        return EKFACOperator(factors, damping=self.factored_damping(factors) + float(objective.l2),
+                             dtype=self.problem.dtype)
+
+    def factored_damping(self, factors):
+        """λ for an operator built from `factors`; with `damping=None` still open, chosen from their eigenvalues."""
+        if self.damping_choice is None:
+            l2 = self.problem.objective.l2 if self.problem is not None else 0.0
+            self.damping_choice = factor_damping(factors.eigenvalues(), l2=l2, method=factors.method)
+        return self.damping_choice.value
 
     def chain(self, *, dtype="float64", max_memory_bytes=None):
         """`H + λI` as a `ChainHessian` (exact products and exact solves for Dense chains)."""

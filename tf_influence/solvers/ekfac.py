@@ -95,9 +95,11 @@ class EKFAC(Method):
                 "The given factors were fitted for other variables than the problem's "
                 f"({len(self.factors.variables)} vs {len(problem.variables)} variables). "
                 "Fit them with the same model and variable selection.")
+        if problem is not None:
+            _check_fitted_on(self.factors, problem)
         l2 = problem.objective.l2 if problem is not None else 0.0
         dtype = problem.dtype if problem is not None else None
-        return EKFACOperator(self.factors, damping=float(source.damping) + float(l2), dtype=dtype)
+        return EKFACOperator(self.factors, damping=source.factored_damping(self.factors) + float(l2), dtype=dtype)
 
     def fit(self, operator):
         """The factors for `operator`'s problem (fitted once per model weights, then cached)."""
@@ -132,6 +134,20 @@ class EKFAC(Method):
         prepared = Prepared(self, inverse, solve)
         prepared.inverse = inverse
         return prepared
+
+
+def _check_fitted_on(factors, problem):
+    """Refuses given factors fitted on other weights or other training data than the problem's."""
+    stale = []
+    if factors.model_fingerprint is not None and factors.model_fingerprint != problem.fingerprint():
+        stale.append("model weights")
+    if factors.data_fingerprint is not None and factors.data_fingerprint != problem.data_fingerprint():
+        stale.append("training data")
+    if stale:
+        raise InputError(
+            f"The given factors were fitted on other {' and '.join(stale)} than this problem's: their curvature is "
+            "stale. Refit them (fit_factors, or EKFAC() without factors=), or restore the weights and data they "
+            "were fitted on.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -260,7 +260,7 @@ class LiSSA(Method):
     num_samples: int = 1
     seed: int = 0
     sampling: str = "independent"
-    progress: bool = True
+    progress: typing.Optional[bool] = None  # None: True, or the Influence's `progress` when used by one
     check_residual: bool = True
     name: typing.ClassVar[str] = "lissa"
     exact: typing.ClassVar[bool] = False
@@ -278,5 +278,6 @@ class LiSSA(Method):
         operator = source.hessian()
         return Prepared(self, operator, lambda rows: lissa(
             operator, rows, scale=self.scale, batch_size=self.batch_size, recursion_depth=self.recursion_depth,
-            num_samples=self.num_samples, seed=self.seed, sampling=self.sampling, progress=self.progress,
+            num_samples=self.num_samples, seed=self.seed, sampling=self.sampling,
+            progress=True if self.progress is None else bool(self.progress),
             check_residual=self.check_residual))

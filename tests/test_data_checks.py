@@ -1,0 +1,104 @@
+"""Data that would silently give wrong scores is refused up front: infinite and reshuffling datasets; lists work."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_influence as tfi
+from tests import models
+from tests.test_inputs import _assert_unchanged, _snapshot
+from tf_influence.data import fingerprint
+
+sce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+@pytest.fixture
+def problem(float64, rng):
+    x, y = models.classification_data(rng, n=24)
+    return models.mlp(), x, y
+
+
+def test_infinite_dataset_is_refused_before_any_pass(problem):
+    model, x, y = problem
+    snapshot = _snapshot(model)
+    repeated = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
+    with pytest.raises(tfi.InputError, match=r"train: the dataset is infinite.*repeat\(\).*take\("):
+        tfi.Influence(model, sce, repeated, damping=0.5, progress=False)
+    inf = tfi.Influence(model, sce, (x, y), damping=0.5, method="direct", progress=False)
+    with pytest.raises(tfi.InputError, match="test: the dataset is infinite"):
+        inf.scores(tf.data.Dataset.from_tensor_slices((x[:4], y[:4])).batch(2).repeat())
+    _assert_unchanged(model, snapshot)
+
+
+def test_reshuffling_dataset_is_refused_and_a_fixed_shuffle_is_scored_in_its_order(problem):
+    model, x, y = problem
+    base = tf.data.Dataset.from_tensor_slices((x, y))
+    reshuffling = base.shuffle(24, seed=1).batch(8)  # a new order on every pass
+    with pytest.raises(tfi.InputError, match=r"different data on every pass.*Refused.*reshuffle_each_iteration=False"):
+        tfi.Influence(model, sce, reshuffling, damping=0.5, progress=False)
+    inf = tfi.Influence(model, sce, (x, y), damping=0.5, method="direct", progress=False)
+    with pytest.raises(tfi.InputError, match="test: the dataset yields different data on every pass"):
+        inf.scores(base.shuffle(24, seed=2).batch(8))
+
+    # Shuffled once: the order is fixed, and the scores follow it.
+    fixed = base.shuffle(24, seed=1, reshuffle_each_iteration=False).batch(8)
+    order = np.concatenate([y_batch.numpy() for _, y_batch in fixed])
+    shuffled_x = np.concatenate([x_batch.numpy() for x_batch, _ in fixed])
+    permutation = [int(np.flatnonzero(np.all(x == row, axis=1))[0]) for row in shuffled_x]
+    np.testing.assert_array_equal(order, y[permutation])
+    scored = tfi.Influence(model, sce, fixed, damping=0.5, method="direct", progress=False).scores((x[:3], y[:3]))
+    np.testing.assert_allclose(scored, inf.scores((x[:3], y[:3]))[:, permutation], rtol=1e-10, atol=1e-12)
+
+
+def test_random_augmentation_is_refused(problem):
+    model, x, y = problem
+    noise = np.random.default_rng(5)
+
+    def augmented():  # fresh noise on every pass, as an augmenting input pipeline gives
+        for start in range(0, 24, 8):
+            yield x[start:start + 8] + noise.normal(size=(8, 4)), y[start:start + 8]
+
+    spec = (tf.TensorSpec([None, 4], tf.float64), tf.TensorSpec([None], tf.int64))
+    with pytest.raises(tfi.InputError, match="different data on every pass.*random augmentation"):
+        tfi.Influence(model, sce, tf.data.Dataset.from_generator(augmented, output_signature=spec), damping=0.5,
+                      progress=False)
+
+
+def test_python_lists_are_arrays(problem):
+    model, x, y = problem
+    expected = tfi.Influence(model, sce, (x, y), damping=0.5, method="direct", progress=False)
+    lists = tfi.Influence(model, sce, (x.tolist(), y.tolist()), damping=0.5, method="direct", progress=False)
+    np.testing.assert_allclose(lists.scores((x[:2].tolist(), y[:2].tolist())), expected.scores((x[:2], y[:2])),
+                               rtol=1e-12)
+    with pytest.raises(tfi.InputError, match=r"y holds a scalar.*one entry per example.*y: int"):
+        tfi.Influence(model, sce, (x, 3), damping=0.5, progress=False)
+
+
+def test_fingerprint_covers_every_example_but_not_the_batching(problem):
+    _, x, y = problem
+    base = fingerprint(tfi.as_dataset((x, y), batch_size=5))
+    assert fingerprint(tfi.as_dataset((x, y), batch_size=7)) == base
+    corrected = y.copy()
+    corrected[-1] = (corrected[-1] + 1) % 3
+    assert fingerprint(tfi.as_dataset((x, corrected), batch_size=5)) != base
+    assert fingerprint(tfi.as_dataset((x[::-1], y[::-1]), batch_size=5)) != base
+    assert fingerprint(tfi.as_dataset((x, y, np.full(24, 2.0)), batch_size=5)) != base
+
+
+def test_training_data_changed_behind_the_dataset_is_refused(problem):
+    model, x, y = problem
+    labels = list(y)
+
+    def examples():  # reads the Python list on every pass, as a generator-backed dataset does
+        for start in range(0, 24, 8):
+            yield x[start:start + 8], np.array(labels[start:start + 8])
+
+    spec = (tf.TensorSpec([None, 4], tf.float64), tf.TensorSpec([None], tf.int64))
+    inf = tfi.Influence(model, sce, tf.data.Dataset.from_generator(examples, output_signature=spec), damping=0.5,
+                        method="direct", progress=False)
+    expected = tfi.Influence(model, sce, (x, y), damping=0.5, method="direct", progress=False).scores((x[:2], y[:2]))
+    np.testing.assert_allclose(inf.scores((x[:2], y[:2])), expected, rtol=1e-12)
+    labels[20] = (labels[20] + 1) % 3  # the user corrects a label behind the dataset
+    with pytest.raises(tfi.InputError, match="training data changed between two passes.*new Influence"):
+        inf.scores((x[:2], y[:2]))
