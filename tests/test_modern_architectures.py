@@ -65,13 +65,11 @@ def test_exact_influence_equals_the_twins_dense_solve(architecture):
     damping = max(0.0, -smallest) + 0.05
     g_train, g_test = twin.per_example_gradients(*train), twin.per_example_gradients(*test)
     expected = g_test @ np.linalg.solve(hessian + damping * np.eye(len(hessian)), g_train.T)
-    errors = {}
-    for method, options in (("direct", {}), ("cg", dict(tol=1e-10, maxiter=2000))):
-        scores = _influence(model, train, training, method, damping=damping, **options).scores(test)
-        errors[method] = relative_error(scores, expected)
-    _log.info("%s (p=%d, λ_min(H)=%.3g, damping %.3g): exact influence vs the twin's dense solve, relative error %s",
-              name, len(hessian), smallest, damping, errors)
-    assert max(errors.values()) <= 1e-6, errors
+    # CG on the same exact products is checked against dense solves in tests/test_layer_zoo.py.
+    error = relative_error(_influence(model, train, training, "direct", damping=damping).scores(test), expected)
+    _log.info("%s (p=%d, λ_min(H)=%.3g, damping %.3g): exact influence vs the twin's dense solve, relative error %.2e",
+              name, len(hessian), smallest, damping, error)
+    assert error <= 1e-6, error
 
 
 def test_ekfac_covers_every_variable_and_tracks_the_gauss_newton_solve(architecture):

@@ -80,6 +80,12 @@ def owning_layers(model, variables):
     return {id(v): owners[id(v)] for v in variables if id(v) in owners}
 
 
+def looping_recurrent_layers(model):
+    """The recurrent layers of `model` that run a `tf.while_loop` over time (RNN, GRU, LSTM,
+    ConvLSTM, Bidirectional, ... with `unroll=False`)."""
+    return [layer for layer in walk_layers(model) if hasattr(layer, "cell") and not getattr(layer, "unroll", False)]
+
+
 def _walk(layer, seen, into):
     for child in sublayers(layer):
         if id(child) in seen:

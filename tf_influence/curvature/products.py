@@ -7,7 +7,9 @@ add up exactly; `operators.HessianOperator` divides by `Σ wᵢ` and adds the re
 Tangents come as a list of variable-shaped tensors with a leading axis of k vectors.
 
 Modes (for `curvature="hessian"`):
-  forward_over_back: a `ForwardAccumulator` around a `GradientTape` — the jvp of the gradient.
+  forward_over_back: a `ForwardAccumulator` around a `GradientTape` — the jvp of the gradient
+                     (back_over_back for models with looping recurrent layers, which the
+                     accumulator cannot trace).
   back_over_back:    the gradient of ⟨∇L, v⟩; reuses one forward/backward pass for k vectors.
   finite_difference: (∇L(θ + r v) − ∇L(θ − r v)) / 2r with exact first derivatives; the model is
                      evaluated at θ ± r v without assigning its variables (Keras 3, see
@@ -24,6 +26,7 @@ import contextlib
 import numpy as np
 import tensorflow as tf
 
+from tf_influence.layers import looping_recurrent_layers
 from tf_influence.normalization import exact_second_derivatives
 from tf_influence.params import densify
 
@@ -43,6 +46,10 @@ def batch_curvature_product(objective, tf_vars, batch, tangents, *, mode, curvat
         return _map_tangents(lambda v: _gauss_newton_vp(objective, tf_vars, x, y, w, v), tangents)
     if mode == "finite_difference":
         return _map_tangents(lambda v: finite_difference(objective, variables, tf_vars, batch, v, step=step), tangents)
+    if mode == "forward_over_back" and looping_recurrent_layers(objective.model):
+        # TensorFlow's ForwardAccumulator cannot differentiate the variables a recurrent layer's
+        # while loop captures ("variable without handle data"); back-over-back is just as exact.
+        mode = "back_over_back"
     loss = lambda: objective.weighted_loss_sum(x, y, w)  # noqa: E731
     patch = exact_second_derivatives(objective.model) if mode in MODES[:2] else contextlib.nullcontext()
     with patch:

@@ -42,7 +42,8 @@ class HessianOperator(RowsOperator):
         `tf_influence.operators.damping`). `damping_choice` says what was chosen and why.
       l2: extra `(l2/2)·‖θ‖²` in the objective.
       curvature: `"hessian"` or `"gauss_newton"`.
-      mode: `"forward_over_back"` (default), `"back_over_back"` or `"finite_difference"`.
+      mode: `"forward_over_back"` (default; back-over-back for models with recurrent layers),
+        `"back_over_back"` or `"finite_difference"`.
       batch_size: batch size when `data` holds arrays.
       step: finite-difference step r (default `ε^(1/3)·(1 + ‖θ‖)/‖v‖`).
       training: the `training` flag the model is called with.
