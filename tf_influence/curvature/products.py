@@ -129,11 +129,14 @@ def back_over_back(loss_fn, tf_vars, tangents):
 
 
 def _gauss_newton_vp(objective, tf_vars, x, y, w, v):
-    with tf.GradientTape() as tape:
-        tape.watch(tf_vars)
-        with tf.autodiff.ForwardAccumulator(tf_vars, v) as acc:
-            outputs = objective.outputs(x)
-        jv = acc.jvp(outputs, unconnected_gradients=_ZERO)
+    if looping_recurrent_layers(objective.model):
+        outputs, jv, tape = _jvp_by_double_vjp(objective, tf_vars, x, v)
+    else:
+        with tf.GradientTape() as tape:
+            tape.watch(tf_vars)
+            with tf.autodiff.ForwardAccumulator(tf_vars, v) as acc:
+                outputs = objective.outputs(x)
+            jv = acc.jvp(outputs, unconnected_gradients=_ZERO)
     flat_out = [tf.stop_gradient(o) for o in tf.nest.flatten(outputs)]
     flat_jv = tf.nest.flatten(jv)
     with tf.autodiff.ForwardAccumulator(flat_out, flat_jv) as acc_out:
@@ -147,6 +150,23 @@ def _gauss_newton_vp(objective, tf_vars, x, y, w, v):
     products = tape.gradient(tf.nest.flatten(outputs), tf_vars, output_gradients=h_jv,
                              unconnected_gradients=_ZERO)
     return [densify(p) for p in products]
+
+
+def _jvp_by_double_vjp(objective, tf_vars, x, v):
+    """`J v` as the derivative of the linear map `u ↦ ⟨Jᵀu, v⟩` (two reverse passes), for models whose
+    recurrent while loops the ForwardAccumulator cannot trace. Returns the outputs, `J v` and a
+    persistent tape of the outputs."""
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(tf_vars)
+        outputs = objective.outputs(x)
+    flat = tf.nest.flatten(outputs)
+    dummies = [tf.zeros_like(o) for o in flat]
+    with tf.GradientTape() as dual:
+        dual.watch(dummies)
+        vjp = tape.gradient(flat, tf_vars, output_gradients=dummies, unconnected_gradients=_ZERO)
+        inner = tf.add_n([tf.reduce_sum(densify(a) * tf.cast(b, a.dtype)) for a, b in zip(vjp, v)])
+    jv = dual.gradient(inner, dummies, unconnected_gradients=_ZERO)
+    return outputs, tf.nest.pack_sequence_as(outputs, jv), tape
 
 
 def _map_tangents(fn, tangents):
