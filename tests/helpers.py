@@ -7,6 +7,8 @@ indefinite Hessian made positive definite by a known damping.
 
 import dataclasses
 import functools
+import os
+import pathlib
 
 import keras
 import numpy as np
@@ -15,6 +17,16 @@ import tensorflow as tf
 import tf_influence as tfi
 
 sce = functools.partial(keras.losses.sparse_categorical_crossentropy, from_logits=True)
+
+REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
+
+
+def script_environment(**overrides):
+    """`os.environ` for a test script run in a subprocess, with this checkout's tf_influence importable
+    whether or not the package is installed (the script's own folder, not the repository, heads sys.path)."""
+    path = os.pathsep.join(p for p in (str(REPOSITORY), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **overrides}
+
 
 N = 200  # training examples of the solver problems
 D = 6  # features
@@ -26,7 +38,7 @@ def relative_error(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 
-def dense_hessian(model, loss_fn, x, y, w=None, *, variables=None, l2=0.0, gauss_newton=False):
+def dense_hessian(model, loss_fn, x, y, w=None, *, variables=None, l2=0.0):
     """Reference Hessian of the mean objective by nested GradientTape jacobians (all data at once).
 
     Independent of the library: weighted mean of per-example losses + model.losses + (l2/2)||θ||².
@@ -39,7 +51,7 @@ def dense_hessian(model, loss_fn, x, y, w=None, *, variables=None, l2=0.0, gauss
         with tf.GradientTape() as inner:
             losses = tf.cast(loss_fn(y, model(x, training=False)), tf.float64)
             objective = tf.reduce_sum(w * losses) / tf.reduce_sum(w)
-            objective += tf.add_n([tf.cast(l, tf.float64) for l in model.losses] or [tf.constant(0.0, tf.float64)])
+            objective += tf.add_n([tf.cast(t, tf.float64) for t in model.losses] or [tf.constant(0.0, tf.float64)])
             objective += 0.5 * l2 * tf.add_n([tf.reduce_sum(tf.cast(v, tf.float64) ** 2) for v in tf_vars])
         grads = inner.gradient(objective, tf_vars, unconnected_gradients="zero")
         flat = tf.concat([tf.reshape(tf.convert_to_tensor(g), [-1]) for g in grads], 0)

@@ -6,12 +6,13 @@ without a strategy (same weights) and prints the relative differences as JSON.
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+
+from tests.helpers import script_environment
 
 TOL = 1e-10
 
@@ -21,7 +22,7 @@ SCRIPTS = pathlib.Path(__file__).resolve().parent / "scripts"
 @pytest.fixture(scope="module")
 def mirrored_results():
     proc = subprocess.run([sys.executable, str(SCRIPTS / "distribute_mirrored.py")], capture_output=True, text=True,
-                          timeout=240)
+                          timeout=240, env=script_environment())
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"subprocess failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     results = json.loads(lines[-1][len("RESULT "):])
@@ -75,7 +76,7 @@ def multi_worker_results(tmp_path_factory):
     import numpy as np
     root = tmp_path_factory.mktemp("mwms")
     ports = ",".join(str(p) for p in _free_ports(2))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    env = script_environment(TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     env.pop("TF_CONFIG", None)
     procs = [subprocess.Popen([sys.executable, str(SCRIPTS / "distribute_worker.py"), str(i), ports,
                                str(root / f"worker{i}.npz")],

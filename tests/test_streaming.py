@@ -11,6 +11,7 @@ import pytest
 
 import tf_influence as tfi
 from tests import models
+from tests.helpers import script_environment
 
 sce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -72,7 +73,7 @@ def test_peak_memory_does_not_grow_with_n_train(tmp_path):
     peaks = {}
     for n in (10_000, 50_000):
         result = subprocess.run([sys.executable, str(MEMORY_SCRIPT), str(n), str(tmp_path / f"s{n}.npy")],
-                                capture_output=True, text=True, timeout=300)
+                                capture_output=True, text=True, timeout=300, env=script_environment())
         assert result.returncode == 0, result.stderr[-3000:]
         peaks[n] = int(result.stdout.strip().splitlines()[-1])
     print(f"peak RSS while scoring (bytes): {peaks}")

@@ -3,7 +3,7 @@
   python -m tf_influence demo [--plot demo.png] [--overwrite]
   python -m tf_influence explain --model M.keras --train train.npz --test test.npz \\
       [--loss NAME | --loss module:function | --loss path/to/file.py:function] [--custom-objects module:NAME ...] \\
-      [--method cg] [--damping auto|NUMBER] [--curvature hessian|gauss_newton] [--top-k 10] \\
+      [--method auto] [--damping auto|NUMBER] [--curvature hessian|gauss_newton] [--top-k 10] \\
       [--variables LAYER ...] [--measurement loss|margin|logit|probability|OUTPUT|module:function] \\
       [--output influence_scores.npz] [--overwrite]
   python -m tf_influence export --model M.keras --train train.npz --out DIR \\
@@ -26,7 +26,8 @@ from tf_influence.errors import InfluenceError, InputError
 
 _OUTPUT_KEYS = ("scores", "predicted_change", "helpful_indices", "helpful_scores", "harmful_indices",
                 "harmful_scores")
-_METHOD_HELP = "IHVP method: direct, cg, lissa, ekfac, kfac, chain, scipy (see tfi.solvers.SOLVERS)"
+_METHOD_HELP = ("IHVP method: auto (the cheapest that applies, see tfi.solvers.plan), direct, cg, lissa, ekfac, "
+                "kfac, chain, scipy (see tfi.solvers.SOLVERS)")
 _SOLVER_HINT = ("On the command line: --damping auto (the default) or a larger --damping, or "
                 "--curvature gauss_newton (positive semi-definite).")
 _HINTS = {  # the library's advice is in API terms; these say it in flags
@@ -68,7 +69,7 @@ def build_parser():
     demo = commands.add_parser("demo", parents=[common],
                                help="train a digits classifier and show influential examples")
     demo.add_argument("--plot", help="save a figure to this file (PNG, PDF, SVG, ...)")
-    demo.add_argument("--method", type=_method, default="cg", help=_METHOD_HELP)
+    demo.add_argument("--method", type=_method, default="auto", help=_METHOD_HELP)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
 
@@ -94,7 +95,7 @@ def build_parser():
 
     explain = commands.add_parser("explain", parents=[common, model], help="score a saved Keras model's training data")
     explain.add_argument("--test", required=True, help=".npz with arrays x, y")
-    explain.add_argument("--method", type=_method, default="cg", help=_METHOD_HELP)
+    explain.add_argument("--method", type=_method, default="auto", help=_METHOD_HELP)
     explain.add_argument("--top-k", type=_positive_int, default=10, help="helpful/harmful examples kept per test point")
     explain.add_argument("--output", default="influence_scores.npz",
                          help=".npz to write (an earlier output is replaced; another file needs --overwrite)")

@@ -29,7 +29,7 @@ _CHUNK = 256
 def choose_store(influence, store, max_parameters):
     """The store to use: `store` checked against the method and `max_parameters`, or the "auto" choice."""
     arguments.one_of(store, "store", STORES)
-    factored, p = influence.solver.factored, influence.space.size
+    factored, p = getattr(influence.prepared().method, "factored", False), influence.space.size  # auto: its route's
     if store == "factors" and not factored:
         raise InputError(
             f"store='factors' stores EKFAC/KFAC factors; this Influence uses method={influence.method!r}. "

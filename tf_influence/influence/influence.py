@@ -33,6 +33,7 @@ from tf_influence.influence.measurements import MeasuredObjective, resolve_measu
 from tf_influence.influence.topk import top_k as _top_k
 from tf_influence.operators.source import CurvatureSource
 from tf_influence.problem import Problem
+from tf_influence.solvers.auto import Auto, SolveAnnouncer
 from tf_influence.solvers.dispatch import make_solver
 from tf_influence.solvers.info import SolveInfo
 from tf_influence.solvers.method import Prepared
@@ -51,8 +52,9 @@ class Influence:
         shuffled between passes: scores are reported in the data's order).
       variables: parameters θ to take influence over: `None` (all trainable), layers, layer names
         or variables. `variables=model.layers[-1]` studies the last layer with the rest frozen.
-      method: IHVP method name (`"direct"`, `"cg"`, `"lissa"`, `"scipy"`, `"ekfac"`, `"kfac"`,
-        `"chain"`) or a method object such as `tfi.solvers.CG(tol=1e-8)`.
+      method: IHVP method name (`"auto"`, `"direct"`, `"cg"`, `"lissa"`, `"scipy"`, `"ekfac"`, `"kfac"`,
+        `"chain"`) or a method object such as `tfi.solvers.CG(tol=1e-8)`. `"auto"` (default) picks the
+        cheapest route that applies by a cost model and logs why (`plan()` shows the estimates).
       damping: λ ≥ 0; every method solves `(H + λI) x = b`. None (default): chosen from the
         curvature's spectrum, the smallest λ that makes `H + λI` positive definite with condition
         ≤ ~100 (`tf_influence.operators.damping`); `damping_choice`, `SolveInfo.extra["damping"]`,
@@ -93,7 +95,7 @@ class Influence:
       >>> top.harmful_indices[0]                         # the 5 most harmful for test point 0
     """
 
-    def __init__(self, model, loss, train, *, variables=None, method="cg", damping=None, l2=0.0,
+    def __init__(self, model, loss, train, *, variables=None, method="auto", damping=None, l2=0.0,
                  curvature="hessian", batch_size=None, mode="forward_over_back", training=False,
                  progress=True, strategy=None, jit_compile=False, on_unsafe_layers="raise", loss_weights=None,
                  measurement=None, **method_options):
@@ -161,6 +163,19 @@ class Influence:
                 operator = self.source.hessian()
                 self._prepared = Prepared(self.solver, operator, lambda rows: self.solver.solve(operator, rows))
         return self._prepared
+
+    def plan(self, n_test=None, *, self_influence=False):
+        """The estimated time and memory of each route for this problem (`print` it for a table).
+
+        Args:
+          n_test: test points to plan for (default: the auto method's `n_test`, 100).
+          self_influence: also plan for one solve per training example.
+
+        Returns:
+          A `tfi.solvers.plan.Plan`; `plan.chosen` is the route `method="auto"` takes (marked `*`).
+        """
+        solver = self.solver if isinstance(self.solver, Auto) else Auto()
+        return solver.plan(self.source, n_test=n_test, self_influence=self_influence)
 
     def inverse_hvp(self, vectors):
         """`(H + λI)⁻¹ v` for flat vectors `[p]` / `[k, p]` or a list shaped like the variables.
@@ -268,11 +283,14 @@ class Influence:
     def self_influence(self):
         """`[n_train]`: `∇ℓ(zᵢ)ᵀ (H + λI)⁻¹ ∇ℓ(zᵢ)` — large for atypical or mislabeled examples."""
         self.check_weights()
+        batches = int(self.problem.dataset.cardinality())
+        announcer = SolveAnnouncer(self.source, self.prepared().method, self.n_train, batches=max(batches, 1))
         values = []
         for batch in self._progress(self.problem.dataset, "self-influence"):
             grads = self.gradients(batch)
             solution = self.solve(grads)
             values.append(tf.reduce_sum(grads * solution, axis=1).numpy())
+            announcer.batch_done()
         return np.concatenate(values)
 
     def training_gradients(self, indices=None):

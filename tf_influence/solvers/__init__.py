@@ -1,11 +1,13 @@
 """Inverse-Hessian-vector product solvers: one module per method, each with its function and its method class.
 
 Every solver solves `(H + λI) x = b` for an operator that already includes λ and returns
-`(x, SolveInfo)`. The method objects (`Direct`, `CG`, `LiSSA`, `ScipyNCG`, `EKFAC`, `KFAC`, `Chain`)
-carry settings and `prepare` the reusable state of a method (see `tf_influence.solvers.method`);
-`SOLVERS` maps names to them and `inverse_hvp` dispatches by name.
+`(x, SolveInfo)`. The method objects (`Auto`, the default, which picks one of the others by cost;
+`Direct`, `CG`, `LiSSA`, `ScipyNCG`, `EKFAC`, `KFAC`, `Chain`) carry settings and `prepare` the
+reusable state of a method (see `tf_influence.solvers.method`); `SOLVERS` maps names to them and
+`inverse_hvp` dispatches by name.
 """
 
+from tf_influence.solvers.auto import Auto
 from tf_influence.solvers.cg import CG, cg
 from tf_influence.solvers.chain import Chain, chain_solve
 from tf_influence.solvers.direct import Direct, direct
@@ -14,9 +16,11 @@ from tf_influence.solvers.ekfac import EKFAC, KFAC
 from tf_influence.solvers.info import SolveInfo
 from tf_influence.solvers.lissa import LiSSA, lissa
 from tf_influence.solvers.method import Method, Prepared
+from tf_influence.solvers.plan import plan_routes
 from tf_influence.solvers.scipy_ncg import ScipyNCG, scipy_ncg
 
 __all__ = [
+    "Auto",
     "CG",
     "Chain",
     "Direct",
@@ -34,5 +38,6 @@ __all__ = [
     "inverse_hvp",
     "lissa",
     "make_solver",
+    "plan_routes",
     "scipy_ncg",
 ]

@@ -251,6 +251,7 @@ class CG(Method):
     preconditioner: typing.Any = None
     jit_compile: bool = False
     name: typing.ClassVar[str] = "cg"
+    iterative: typing.ClassVar[bool] = True
 
     def __post_init__(self):
         arguments.positive_float(self.tol, "tol", owner="CG")

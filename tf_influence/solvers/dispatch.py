@@ -10,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence.errors import InputError
+from tf_influence.solvers.auto import Auto
 from tf_influence.solvers.cg import CG
 from tf_influence.solvers.chain import Chain
 from tf_influence.solvers.direct import Direct
@@ -17,7 +18,7 @@ from tf_influence.solvers.ekfac import EKFAC, KFAC
 from tf_influence.solvers.lissa import LiSSA
 from tf_influence.solvers.scipy_ncg import ScipyNCG
 
-SOLVERS = {"direct": Direct, "cg": CG, "lissa": LiSSA, "scipy": ScipyNCG, "scipy_ncg": ScipyNCG,
+SOLVERS = {"auto": Auto, "direct": Direct, "cg": CG, "lissa": LiSSA, "scipy": ScipyNCG, "scipy_ncg": ScipyNCG,
            "ekfac": EKFAC, "kfac": KFAC, "chain": Chain}
 
 

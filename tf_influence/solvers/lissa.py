@@ -263,6 +263,7 @@ class LiSSA(Method):
     progress: typing.Optional[bool] = None  # None: True, or the Influence's `progress` when used by one
     check_residual: bool = True
     name: typing.ClassVar[str] = "lissa"
+    iterative: typing.ClassVar[bool] = True
     exact: typing.ClassVar[bool] = False
 
     def __post_init__(self):

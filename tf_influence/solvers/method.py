@@ -15,6 +15,8 @@ single call on a given operator.
 Capabilities are attributes of the method class, never name comparisons:
   `exact`      the solution is that of `(H + λI) x = b` to rounding or to the stated tolerance
                (False for EKFAC/KFAC, which invert an approximation, and for LiSSA's estimate);
+  `iterative`  each solve runs several curvature passes (CG, LiSSA, scipy), so many solves cost many
+               passes; direct, chain and EKFAC factor once and then solve cheaply;
   `factored`   the prepared state holds Kronecker factors (`prepared.inverse` is an `EKFACOperator`),
                which export can store as they are and scoring can use layer by layer.
 """
@@ -30,6 +32,7 @@ class Method:
 
     name: typing.ClassVar[str] = ""
     exact: typing.ClassVar[bool] = True
+    iterative: typing.ClassVar[bool] = False
     factored: typing.ClassVar[bool] = False
 
     def prepare(self, source):

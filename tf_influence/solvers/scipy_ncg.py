@@ -135,6 +135,7 @@ class ScipyNCG(Method):
     avextol: float = 1e-8
     maxiter: int = 100
     name: typing.ClassVar[str] = "scipy"
+    iterative: typing.ClassVar[bool] = True
 
     def __post_init__(self):
         arguments.positive_float(self.avextol, "avextol", owner="ScipyNCG")
