@@ -4,8 +4,8 @@ A ReLU MLP and a CNN with BatchNormalization and max pooling, trained briefly on
 bundled digits (no download). Their Hessians are indefinite, so CG with a small fixed damping
 (0 or 1e-3, tried below) can meet negative curvature; the default `damping=None` chooses λ from
 the spectrum (30 Lanczos products of the undamped Hessian: the smallest λ that makes H + λI
-positive definite with condition ≤ ~100). For each model this prints the λ chosen and why, the CG
-iterations, the exact extreme eigenvalues of H (dense, to compare with the Lanczos estimate), and
+positive definite with condition ≤ ~100). For each model this prints the λ chosen and why, the
+route `method="auto"` took, the exact extreme eigenvalues of H (dense, to compare with the Lanczos estimate), and
 what CG does with damping 0 and 1e-3.
 
 Run: python examples/default_damping.py        (a few minutes on a laptop CPU)
@@ -44,20 +44,21 @@ def main():
         model = build()
         model.compile("adam", loss)
         model.fit(x[:1000], y[:1000], epochs=10, batch_size=32, verbose=0)
-        inf = tfi.Influence(model, loss, train, progress=False)  # the default call: method="cg", damping=None
+        inf = tfi.Influence(model, loss, train, progress=False)  # the default call: method="auto", damping=None
         scores = inf.scores(test)
         info = inf.last_solve_info
+        route = inf.prepared().method.name
         exact = np.linalg.eigvalsh(tfi.HessianOperator(model, loss, train).to_dense().numpy().astype(np.float64))
         print(f"{name} ({inf.space.size} parameters): scores {scores.shape}, λ = {inf.damping:.4g} "
-              f"({info.extra['damping_source']}), CG {info.iterations} iterations, residual {info.residual:.1e}, "
+              f"({info.extra['damping_source']}), route {route}, residual {info.residual:.1e}, "
               f"converged={info.converged}")
         print(f"  exact eigenvalues of H in [{exact[0]:.4g}, {exact[-1]:.4g}]; {info.extra['damping_reason']}")
         for damping in (0.0, 1e-3):
             try:
-                tfi.Influence(model, loss, train, damping=damping, progress=False).scores(test)
-                print(f"  damping={damping:g}: CG converged too")
+                tfi.Influence(model, loss, train, method="cg", damping=damping, progress=False).scores(test)
+                print(f"  method='cg', damping={damping:g}: CG converged too")
             except tfi.NegativeCurvatureError as error:
-                print(f"  damping={damping:g}: NegativeCurvatureError ({str(error)[:60]}...)")
+                print(f"  method='cg', damping={damping:g}: NegativeCurvatureError ({str(error)[:60]}...)")
 
 
 if __name__ == "__main__":

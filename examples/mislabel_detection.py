@@ -16,9 +16,35 @@ blends `0.55·xᵢ + 0.45·xⱼ` of two digits of different classes that keep th
 digit (hard but correctly labelled examples, which a loss ranking also flags); and a model that
 memorises its training set (no weight decay, 300 epochs), so flipped labels end with low loss.
 
-RESULTS_PLACEHOLDER
+Measured (3 seeds, `python examples/mislabel_detection.py`, 2-core machine under load ~20; flipped
+labels found of 60, mean ± s.e. over seeds; top 5% / 10% / 20% of the ranking):
+
+  plain:  training loss 53.3 ± 0.9 / 59.3 ± 0.7 / 60; gradient norm² 54.3 ± 0.3 / 59.7 ± 0.3 / 60;
+          self-influence 53.3 ± 0.9 / 59.3 ± 0.7 / 60 (the same counts as the loss on every seed);
+          validation influence 44.7 ± 1.8 / 49.3 ± 1.9 / 49.7 ± 1.8.
+  blends: training loss 48.3 ± 1.9 / 58.3 ± 0.3 / 60; gradient norm² 52.0 ± 0.0 / 58.7 ± 0.3 / 60;
+          self-influence 50.7 ± 1.2 / 60.0 ± 0.0 / 60 (more than the loss on 3 of 3 seeds at 5% and
+          10%); validation influence 41.0 ± 1.5 / 50.0 ± 1.7 / 50.3 ± 1.5.
+
+So: with plain random flips self-influence adds nothing over the training loss. With ambiguous but
+correctly labelled images in the data, which also have a high loss, self-influence ranks the flipped
+labels higher than the loss does (+2.3 at 5%, +1.7 at 10%), but the curvature-free gradient norm
+does as well at 5% (52.0). Summed influence on clean validation points is the worst criterion here:
+it ranks about 10 of the 60 flipped labels below its top 20% (it looks for examples predicted to
+raise the validation loss, which is not the same as being mislabeled).
+
+  memorising (2 seeds, `--settings memorising --seeds 2`, 559 s): training loss 41.0 ± 2.0 / 54.0 ±
+          1.0 / 59; gradient norm² 41.5 ± 1.5 / 53.5 ± 1.5 / 59; self-influence 43.5 ± 2.5 / 54.5 ±
+          0.5 / 59 (+2.5 over the loss at 5%, more on 2 of 2 seeds); validation influence 37.5 ±
+          2.5 / 44.0 ± 3.0 / 47.0 ± 2.0. The float32 model saturates (tf_influence warns that 32 of
+          the first 256 training losses are exactly 0, so their gradients and scores are 0).
+
+When the model fits the flipped labels, self-influence gains a little over the loss at the smallest
+budget; two seeds are too few to call it more than a tendency. This setting is off by default
+(300 epochs per seed).
 
 Run: python examples/mislabel_detection.py [--seeds 3] [--settings plain blends memorising]
+     (default: plain and blends, ~15 minutes on 2 cores under load ~20; memorising trains 300 epochs per seed)
 """
 
 import argparse
@@ -96,10 +122,23 @@ def run_setting(name, seeds, log=print):
     return {c: np.array(f) for c, f in found.items()}, len(flipped)
 
 
+def verdict(found):
+    """One line per budget: each influence criterion against the training-loss baseline (mean difference
+    over seeds, and on how many seeds it found more / fewer flipped labels)."""
+    baseline = found["training loss"]
+    lines = []
+    for criterion in ("self-influence (last layer)", "validation influence (last layer)"):
+        difference = found[criterion] - baseline
+        parts = [f"top {b:.0%}: {d.mean():+.1f} (more on {(d > 0).sum()}, fewer on {(d < 0).sum()} of {len(d)} seeds)"
+                 for b, d in zip(BUDGETS, difference.T)]
+        lines.append(f"{criterion} minus training loss: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["plain", "blends"])
     args = parser.parse_args(argv)
     start = time.perf_counter()
     results = {}
@@ -113,6 +152,7 @@ def main(argv=None):
             se = counts.std(axis=0, ddof=1) / np.sqrt(len(counts)) if len(counts) > 1 else np.zeros(len(BUDGETS))
             print(f"| {criterion} | " + " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in zip(counts.mean(0), se)) + " |")
         print("| random (expected) | " + " | ".join(f"{b * n_flipped:.1f}" for b in BUDGETS) + " |")
+        print(verdict(results[name]))
     print(f"\nDone in {time.perf_counter() - start:.0f} s.")
     return results
 

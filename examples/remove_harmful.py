@@ -1,18 +1,40 @@
 """Remove the training examples most harmful to a validation set, retrain, and compare test accuracy.
 
-Digits (scikit-learn's bundled 8x8 images), 1,200 training examples, the other 597 split into a
-validation half (used to choose what to remove) and a test half (used only to measure). A 64-32-10
-tanh MLP is trained with Adam (`tf_influence.demo.train_classifier`). Each training example gets
-the sum of its influence scores over the validation points, `Σ_v g_vᵀ (H + λI)⁻¹ gᵢ` (λ = 1e-3):
-its predicted contribution to lowering the total validation loss; the most negative are the most
-harmful. The k most harmful are removed and the model retrained from the same seed; this is
-compared with removing the k highest-training-loss examples and k random examples, for k = 0, 1,
-2, 5, 10% of the training set, averaged over seeds (each seed: a different split, label noise and
-initialisation).
+Digits (scikit-learn's bundled 8x8 images): 1,200 training examples, the other 597 split into a
+validation half (used only to choose what to remove) and a test half (used only to measure). The
+model is L2-regularised softmax regression (mean cross-entropy + (l2/2)‖θ‖², l2 = 1e-3), fitted to
+its unique optimum by full-batch L-BFGS, so that a retrained model differs from the original only
+through the data removed (no optimiser noise) and 130 retrainings take seconds.
 
-RESULTS_PLACEHOLDER
+Each training example gets the sum of its influence scores over the validation points,
+`Σ_v g_vᵀ H⁻¹ gᵢ` (exact Hessian, one conjugate-gradient solve, no damping: the l2 term makes H
+positive definite): its predicted contribution to lowering the total validation loss; the most
+negative are the most harmful. The k most harmful are removed and the model refitted; this is compared with removing the
+k highest-training-loss examples and k random ones, for k = 1, 2, 5, 10% of the training set, in
+two settings (10% of the training labels flipped at random; clean labels), averaged over seeds
+(each seed: another split, label noise and random removal).
 
-Run: python examples/remove_harmful.py [--seeds 5] [--plot docs/remove_harmful.png]
+Measured (5 seeds, `python examples/remove_harmful.py`: 78 s of CPU, 15 minutes of wall time on 2
+cores under load ~19; test accuracy, mean ± s.e. over seeds; docs/remove_harmful.png):
+
+  10% flipped labels, none removed 0.9545 ± 0.0034; removing 1% / 2% / 5% / 10%:
+    influence on validation  0.9599 / 0.9625 / 0.9672 / 0.9692  (flipped removed 12 / 23.6 / 58.2 / 99.8)
+    training loss            0.9565 / 0.9605 / 0.9632 / 0.9679  (12 / 24 / 59.8 / 112.4)
+    random                   0.9538 / 0.9532 / 0.9532 / 0.9518
+  clean labels, none removed 0.9739 ± 0.0039; removing 1% / 2% / 5% / 10%:
+    influence on validation  0.9726 / 0.9679 / 0.9645 / 0.9532
+    training loss            0.9666 / 0.9645 / 0.9572 / 0.9485
+    random                   0.9726 / 0.9739 / 0.9726 / 0.9726
+
+When influence wins and when not: with 10% flipped labels both informed criteria remove almost only
+flipped labels and raise test accuracy (by 1.5 / 1.3 points at 10%); influence is ahead of the
+training loss by 0.1-0.4 points at every size, but by less than the standard errors (0.003-0.005),
+and at 10% the training loss reaches the lower test loss (0.189 vs 0.201: it removes 112 flipped
+labels, influence 100). With clean labels there is nothing harmful to find: removing by either criterion lowers test
+accuracy (random removal leaves it unchanged); influence does less damage than the training loss
+(0.9645 vs 0.9572 at 5%), and neither beats removing nothing.
+
+Run: python examples/remove_harmful.py [--seeds 5] [--plot remove_harmful.png]
 """
 
 import argparse
@@ -23,51 +45,97 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import scipy.optimize  # noqa: E402
+import scipy.special  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 import tf_influence as tfi  # noqa: E402
-from tf_influence.demo import load_digits_with_flipped_labels, train_classifier  # noqa: E402
+from tf_influence.demo import load_digits_with_flipped_labels  # noqa: E402
+from tf_influence.files import check_target  # noqa: E402
 
 SIZES = (0.0, 0.01, 0.02, 0.05, 0.10)
 SETTINGS = {"10% flipped labels": 0.10, "clean labels": 0.0}
 CRITERIA = ("influence on validation", "training loss", "random")
-LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+L2 = 1e-3
+CLASSES = 10
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None, dtype="float64")
+PLOT_MARKER = "tf_influence examples/remove_harmful.py"  # in the PNG's metadata: marks the file as ours
 
 
 def split(seed, flip_fraction):
-    """Train (with `flip_fraction` of its labels flipped), validation and test sets, and the flipped indices."""
+    """Train (with `flip_fraction` of its labels flipped), validation and test sets (float64), flipped indices."""
     x, y, x_rest, y_rest, flipped = load_digits_with_flipped_labels(flip_fraction=flip_fraction, seed=seed)
+    x, x_rest = x.astype("float64"), x_rest.astype("float64")
     half = len(y_rest) // 2
     return (x, y), (x_rest[:half], y_rest[:half]), (x_rest[half:], y_rest[half:]), flipped
 
 
+def fit(x, y, start=None):
+    """Optimum `(kernel [d, 10], bias [10])` of mean cross-entropy + (l2/2)‖θ‖² by L-BFGS.
+
+    Convex with a unique optimum, so warm-starting at `start` (e.g. the full-data optimum) only saves time.
+    """
+    d, n = x.shape[1], len(y)
+    onehot = np.eye(CLASSES)[y]
+
+    def objective(theta):
+        kernel, bias = theta[:-CLASSES].reshape(d, CLASSES), theta[-CLASSES:]
+        logits = x @ kernel + bias
+        lse = scipy.special.logsumexp(logits, axis=1)
+        value = np.mean(lse - logits[np.arange(n), y]) + 0.5 * L2 * theta @ theta
+        residual = (np.exp(logits - lse[:, None]) - onehot) / n
+        return value, np.concatenate([(x.T @ residual).ravel(), residual.sum(0)]) + L2 * theta
+
+    theta = np.zeros((d + 1) * CLASSES) if start is None else np.concatenate([np.ravel(w) for w in start])
+    with threadpool_limits(1):  # small matrices: BLAS threads only contend
+        result = scipy.optimize.minimize(objective, theta, jac=True, method="L-BFGS-B",
+                                         options=dict(maxiter=5000, gtol=1e-9, ftol=0.0))
+    return result.x[:-CLASSES].reshape(d, CLASSES), result.x[-CLASSES:]
+
+
+def keras_model(kernel, bias):
+    model = keras.Sequential([keras.Input((kernel.shape[0],), dtype="float64"),
+                              keras.layers.Dense(CLASSES, dtype="float64", name="logits")])
+    model.set_weights([kernel, bias])
+    return model
+
+
 def removal_orders(model, train, validation, seed):
-    """For each criterion, the training indices in the order they would be removed (first = first removed)."""
-    inf = tfi.Influence(model, LOSS, train, variables="head", method="direct", damping=1e-3, progress=False)
-    helpfulness = inf.scores(validation).sum(axis=0)  # > 0: helps the validation set, < 0: harms it
+    """For each criterion, the training indices in the order they would be removed (first = first removed).
+
+    The influence criterion is the sum of each example's scores over the validation set, computed with one
+    solve: `Σ_v g_vᵀ H⁻¹ gᵢ = (H⁻¹ Σ_v g_v)ᵀ gᵢ` (conjugate gradients on the exact Hessian).
+    """
+    inf = tfi.Influence(model, LOSS, train, method="cg", tol=1e-10, damping=0.0, l2=L2, batch_size=len(train[1]),
+                        progress=False)
+    validation_gradient = sum(inf.test_gradients(batch).numpy().sum(axis=0) for batch in inf.test_dataset(validation))
+    direction = inf.solve(validation_gradient[np.newaxis]).numpy()[0]
+    helpfulness = inf.training_gradients() @ direction  # > 0: helps the validation set, < 0: harms it
     training_loss = LOSS(train[1], model(train[0])).numpy()
     return {"influence on validation": np.argsort(helpfulness, kind="stable"),
             "training loss": np.argsort(-training_loss, kind="stable"),
             "random": np.random.default_rng(1000 + seed).permutation(len(train[1]))}
 
 
-def test_metrics(model, test):
-    logits = model(test[0])
-    return float(np.mean(np.argmax(logits, axis=1) == test[1])), float(np.mean(LOSS(test[1], logits)))
+def test_metrics(kernel, bias, test):
+    logits = test[0] @ kernel + bias
+    losses = scipy.special.logsumexp(logits, axis=1) - logits[np.arange(len(test[1])), test[1]]
+    return float(np.mean(np.argmax(logits, axis=1) == test[1])), float(np.mean(losses))
 
 
 def run_seed(seed, flip_fraction, log=print):
     """Records `(criterion, size, accuracy, loss, flipped among removed)` for one seed and setting."""
     train, validation, test, flipped = split(seed, flip_fraction)
-    model = train_classifier(*train, seed=seed)
-    records = [(c, 0.0, *test_metrics(model, test), 0) for c in CRITERIA]
-    orders = removal_orders(model, train, validation, seed)
+    weights = fit(*train)
+    records = [(c, 0.0, *test_metrics(*weights, test), 0) for c in CRITERIA]
+    orders = removal_orders(keras_model(*weights), train, validation, seed)
     for criterion, order in orders.items():
         for size in SIZES[1:]:
             removed = order[:int(round(size * len(order)))]
             keep = np.setdiff1d(np.arange(len(order)), removed)
-            retrained = train_classifier(train[0][keep], train[1][keep], seed=seed)
-            records.append((criterion, size, *test_metrics(retrained, test), len(np.intersect1d(removed, flipped))))
-    log(f"  seed {seed}: base test accuracy {records[0][2]:.3f}; after removing 5%: " + ", ".join(
+            refitted = fit(train[0][keep], train[1][keep], start=weights)
+            records.append((criterion, size, *test_metrics(*refitted, test), len(np.intersect1d(removed, flipped))))
+    log(f"  seed {seed}: test accuracy {records[0][2]:.3f}; after removing 5%: " + ", ".join(
         f"{c} {a:.3f}" for c, s, a, _, _ in records if s == 0.05))
     return records
 
@@ -95,7 +163,14 @@ def print_table(setting, summary, n_seeds, n_flipped):
                   f"{loss:.4f} ± {loss_se:.4f} | {found:.1f} |")
 
 
-def plot(path, summaries):
+def is_our_plot(path):
+    """True when `path` is a PNG this example wrote (its metadata carries `PLOT_MARKER`)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    return head.startswith(b"\x89PNG") and PLOT_MARKER.encode() in head
+
+
+def plot(path, summaries, n_seeds):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,17 +189,35 @@ def plot(path, summaries):
             ax.set_title(setting)
             ax.grid(alpha=0.3)
     axes[0, 0].legend()
-    fig.suptitle("Digits MLP: remove the most harmful training examples and retrain (mean ± s.e. over seeds)")
+    fig.suptitle(f"Digits, softmax regression: remove training examples and refit (mean ± s.e. over {n_seeds} "
+                 "seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    temporary = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(temporary, dpi=80, metadata={"Software": PLOT_MARKER})
     plt.close(fig)
+    os.replace(temporary, path)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__), "..", "docs", "remove_harmful.png"))
+    parser.add_argument("--plot", default="remove_harmful.png",
+                        help="PNG to write (default: remove_harmful.png in the current directory; an existing file "
+                             "is replaced only if this example wrote it); '' for none")
     args = parser.parse_args(argv)
+    if args.seeds < 2:
+        parser.error(f"--seeds must be at least 2 (standard errors over seeds); received {args.seeds}.")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("matplotlib is not installed: no plot (pip install matplotlib).")
+            args.plot = ""
+    if args.plot:
+        try:
+            check_target(args.plot, "--plot", replaceable=is_our_plot)
+        except tfi.InputError as e:
+            parser.error(str(e))
     start = time.perf_counter()
     summaries = {}
     for setting, flip_fraction in SETTINGS.items():
@@ -133,8 +226,7 @@ def main(argv=None):
         summaries[setting] = summarise(records)
         print_table(setting, summaries[setting], args.seeds, int(round(flip_fraction * 1200)))
     if args.plot:
-        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
-        plot(args.plot, summaries)
+        plot(args.plot, summaries, args.seeds)
         print(f"\nFigure saved to {args.plot}")
     print(f"Done in {time.perf_counter() - start:.0f} s.")
     return summaries

@@ -268,3 +268,17 @@ def first_batch(dataset, name="data"):
     for batch in dataset.take(1):
         return batch
     raise InputError(f"{name} is empty: the dataset yielded no batch. Influence needs at least one example.")
+
+
+def batch_spec(dataset):
+    """The `(x, y, w)` element spec of `dataset` with the batch dimension relaxed to None.
+
+    An input signature for compiled per-batch functions: every batch, the partial last one and
+    batches of other data (test points, random minibatches) included, then shares one trace.
+    """
+    def relax(spec):
+        if isinstance(spec, tf.TensorSpec) and spec.shape.rank:
+            return tf.TensorSpec([None] + spec.shape[1:].as_list(), spec.dtype)
+        return spec
+
+    return tf.nest.map_structure(relax, dataset.element_spec)

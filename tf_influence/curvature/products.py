@@ -4,7 +4,10 @@ Every function here is pure: it takes an `Objective`, the selected variables, on
 `(x, y, w)` and tangent vectors, and returns `Σ_{i∈batch} wᵢ C_i v` (a *sum*, so that batch results
 add up exactly; `operators.HessianOperator` divides by `Σ wᵢ` and adds the regulariser).
 
-Tangents come as a list of variable-shaped tensors with a leading axis of k vectors.
+Tangents come as a list of variable-shaped tensors with a leading axis of k vectors. All k products
+of a batch are one vectorised computation (`tf.vectorized_map` over the tangents: the batch's forward
+pass is shared and every matmul of the tangent pass becomes one k-times wider matmul), never a
+sequential loop over the tangents; k may be unknown when traced (a `None` dimension).
 
 Modes (for `curvature="hessian"`):
   forward_over_back: a `ForwardAccumulator` around a `GradientTape` — the jvp of the gradient
@@ -109,23 +112,19 @@ def forward_over_back(loss_fn, tf_vars, v):
 
 
 def back_over_back(loss_fn, tf_vars, tangents):
-    """Hessian of `loss_fn()` times k tangents: one forward/backward pass, then k second passes."""
-    k = tangents[0].shape[0]
+    """Hessian of `loss_fn()` times k tangents: one forward/backward pass, then the second backward
+    pass vectorised over the k tangents (its output gradients)."""
     with tf.GradientTape(persistent=True) as outer:
         outer.watch(tf_vars)
         with tf.GradientTape() as inner:
             inner.watch(tf_vars)
             loss = loss_fn()
         grads = [densify(g) for g in inner.gradient(loss, tf_vars, unconnected_gradients=_ZERO)]
-    if k is None:
-        raise ValueError("back_over_back needs a static number of tangents")
-    results = []
-    for j in range(k):
-        hv = outer.gradient(grads, tf_vars, output_gradients=[t[j] for t in tangents],
-                            unconnected_gradients=_ZERO)
-        results.append([densify(h) for h in hv])
-    del outer
-    return [tf.stack(parts) for parts in zip(*results)]
+
+    def one(v):
+        return [densify(h) for h in outer.gradient(grads, tf_vars, output_gradients=v, unconnected_gradients=_ZERO)]
+
+    return _map_tangents(one, tangents)
 
 
 def _gauss_newton_vp(objective, tf_vars, x, y, w, v):
@@ -170,11 +169,7 @@ def _jvp_by_double_vjp(objective, tf_vars, x, v):
 
 
 def _map_tangents(fn, tangents):
-    k = tangents[0].shape[0]
-    if k == 1:
+    """`fn` (one variable-shaped tangent list -> products) for each of the k tangents, vectorised."""
+    if tangents[0].shape[0] == 1:
         return [tf.expand_dims(h, 0) for h in fn([t[0] for t in tangents])]
-    if k is not None and k <= 4:
-        results = [fn([t[j] for t in tangents]) for j in range(k)]
-        return [tf.stack(parts) for parts in zip(*results)]
-    specs = [tf.TensorSpec(t.shape[1:], t.dtype) for t in tangents]
-    return tf.map_fn(fn, tangents, fn_output_signature=specs)
+    return tf.vectorized_map(fn, list(tangents))

@@ -1,9 +1,9 @@
 """Per-example gradients and gradient-vector products of one batch.
 
-`⟨gᵢ, s⟩` for every example i of a batch is one forward-mode pass: the jvp of the vector of
-per-example losses along s. That is how training points are scored against test IHVPs, without
-ever materialising the `[batch, p]` per-example gradient tensor. Per-example gradients themselves
-(`per_example_gradients`) are only needed for the right-hand sides (test points, self-influence).
+`⟨gᵢ, s⟩` for every example i of a batch is either one forward-mode pass per direction s (the jvp
+of the vector of per-example losses along s: `gradient_dot`, never materialising the `[batch, p]`
+per-example gradients) or the per-example gradients (`per_example_gradients`) times all directions
+in one matrix product. `influence.batch_functions` chooses between them by cost.
 """
 
 import tensorflow as tf

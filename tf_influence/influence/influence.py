@@ -23,12 +23,11 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence import arguments
-from tf_influence import distribute as _distribute
 from tf_influence.data import Fingerprint, first_batch
 from tf_influence.errors import InputError, NotFiniteError
-from tf_influence.influence import gradients as _gradients
 from tf_influence.influence import group as _group
 from tf_influence.influence import per_layer as _per_layer
+from tf_influence.influence.batch_functions import BatchFunctions
 from tf_influence.influence.measurements import MeasuredObjective, resolve_measurement
 from tf_influence.influence.topk import top_k as _top_k
 from tf_influence.operators.source import CurvatureSource
@@ -113,12 +112,14 @@ class Influence:
         self.method = self.solver.name
         self.progress = progress
         self.last_solve_info = None
-        self.gradients = self._compiled(_gradients.per_example_gradients)
-        self.gradient_dots = self._compiled(_gradients.gradient_dot)
+        self.batch_functions = BatchFunctions(self.problem)  # compiled once, reused by every call
+        self.gradients = self.batch_functions.gradients
+        self.gradient_dots = self.batch_functions.gradient_dots
         self.measurement = resolve_measurement(measurement, self.objective)
         self.test_objective = (self.objective if self.measurement.is_loss
                                else MeasuredObjective(self.objective, self.measurement))
-        self.test_gradients = self._compiled(_gradients.per_example_gradients, self.test_objective)
+        self.test_gradients = (self.gradients if self.measurement.is_loss
+                               else BatchFunctions(self.problem, objective=self.test_objective).gradients)
         self._prepared = None
         self._cache = {}
         self._fingerprint = self.problem.fingerprint()
@@ -281,15 +282,24 @@ class Influence:
         return _top_k(self.scores(test), k)
 
     def self_influence(self):
-        """`[n_train]`: `∇ℓ(zᵢ)ᵀ (H + λI)⁻¹ ∇ℓ(zᵢ)` — large for atypical or mislabeled examples."""
+        """`[n_train]`: `∇ℓ(zᵢ)ᵀ (H + λI)⁻¹ ∇ℓ(zᵢ)` — large for atypical or mislabeled examples.
+
+        With a factorised exact method (`direct`) these are the squared norms of `L⁻¹∇ℓ(zᵢ)`, one
+        triangular solve per batch of training gradients; other methods solve for every example.
+        """
         self.check_weights()
+        prepared = self.prepared()
+        forms = getattr(prepared, "quadratic_forms", None)  # a factorised exact route: no solves
         batches = int(self.problem.dataset.cardinality())
-        announcer = SolveAnnouncer(self.source, self.prepared().method, self.n_train, batches=max(batches, 1))
+        announcer = SolveAnnouncer(self.source, prepared.method, self.n_train, batches=max(batches, 1))
         values = []
         for batch in self._progress(self.problem.dataset, "self-influence"):
             grads = self.gradients(batch)
-            solution = self.solve(grads)
-            values.append(tf.reduce_sum(grads * solution, axis=1).numpy())
+            if forms is not None:
+                values.append(np.asarray(forms(grads), self.space.dtype.as_numpy_dtype))
+            else:
+                solution = self.solve(grads)
+                values.append(tf.reduce_sum(grads * solution, axis=1).numpy())
             announcer.batch_done()
         return np.concatenate(values)
 
@@ -336,19 +346,6 @@ class Influence:
         return fingerprint
 
     # -- Internals ------------------------------------------------------------------------------
-
-    def _compiled(self, fn, objective=None):
-        """`fn(objective, tf_vars, space, batch, *args)` over one batch, compiled, split across replicas."""
-        problem = self.problem
-        objective = objective if objective is not None else problem.objective
-
-        def per_batch(batch, *args):
-            return fn(objective, problem.tf_variables, problem.space, batch, *args)
-
-        if problem.strategy is None:
-            return tf.function(per_batch, reduce_retracing=True)
-        return tf.function(lambda batch, *args: _distribute.batch_rows(problem.strategy, per_batch, batch, *args),
-                           reduce_retracing=True)
 
     def _progress(self, dataset, label):
         cardinality = int(dataset.cardinality())

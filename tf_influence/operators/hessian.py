@@ -9,8 +9,9 @@ import tensorflow as tf
 
 from tf_influence import arguments
 from tf_influence import distribute as _distribute
+from tf_influence.curvature import dense as _dense
 from tf_influence.curvature import products as _products
-from tf_influence.data import first_batch
+from tf_influence.data import batch_spec, first_batch
 from tf_influence.errors import InputError, NotFiniteError, ResourceError, SecondDerivativeError
 from tf_influence.operators.damping import DampingChoice, lanczos_damping
 from tf_influence.operators.minibatch import MinibatchCurvature
@@ -61,7 +62,8 @@ class HessianOperator(RowsOperator):
     Shape: `[p, p]` with p the number of selected parameters.
 
     Performance: one matvec costs about 2-3 gradient evaluations over the data (forward-over-back);
-    `to_dense()` costs p matvecs and `p²` memory, and refuses p > 20,000.
+    `to_dense()` / `dense_matrix()` cost a few compiled passes over the data (about p/256 for the
+    Hessian, one for Gauss-Newton) and `p²` memory, and refuse p > 20,000.
 
     Hints: `is_self_adjoint=True` always. `is_positive_definite` is True for Gauss-Newton with
     λ > 0, otherwise only if you promise it; a Hessian away from a minimum can be indefinite.
@@ -121,12 +123,20 @@ class HessianOperator(RowsOperator):
                 warnings.warn(trap_message(traps, mode), stacklevel=2)
         # `data_pass(rows) -> (Σᵢ wᵢ Cᵢ rows, Σᵢ wᵢ)`: one compiled pass over the data (XLA cannot
         # compile dataset iteration, so only the per-batch product is jit-compiled).
-        self._batch_product = tf.function(self._batch_product_fn, jit_compile=jit_compile)
+        # Input signatures: one trace for every batch size and number of rows (no retracing); one row
+        # has its own (unvectorised) trace, made only when used: same rounding as a plain product.
+        self._batch_products = {
+            k: tf.function(self._batch_product_fn, jit_compile=jit_compile, input_signature=[
+                batch_spec(problem.dataset),
+                [tf.TensorSpec([k, *shape], problem.space.dtype) for shape in problem.space.shapes]])
+            for k in (1, None)}
         if problem.strategy is not None:
             self.data_pass = tf.function(self._distributed_data_pass_fn)
             self._gradient_pass = tf.function(self._distributed_gradient_pass_fn)
         else:
-            self.data_pass = tf.function(self._data_pass_fn)
+            passes = {k: tf.function(self._data_pass_fn, input_signature=[
+                tf.TensorSpec([k, problem.space.size], problem.space.dtype)]) for k in (1, None)}
+            self.data_pass = lambda rows: passes[1 if rows.shape[0] == 1 else None](rows)
             self._gradient_pass = tf.function(self._gradient_pass_fn)
             if jit_compile and self.has_batch_products:
                 self._check_xla_compiles(first_batch(problem.dataset, "data"))
@@ -162,19 +172,54 @@ class HessianOperator(RowsOperator):
         theta = self.space.flatten([tf.convert_to_tensor(v) for v in self.problem.tf_variables])
         return np.finfo(self.space.dtype.as_numpy_dtype).eps ** (1 / 3) * (1 + float(tf.linalg.norm(theta)))
 
-    def _to_dense(self):
+    def dense_matrix(self, dtype=tf.float64):
+        """The dense `[p, p]` matrix of this operator (`H + λI`), symmetric, as a NumPy array of `dtype`.
+
+        Built by `curvature.dense.dense_curvature` in a few compiled passes over the data (the
+        Hessian as pfor-vectorised rows of the batch gradient's Jacobian, the Gauss-Newton matrix
+        from per-example output Jacobians), derivatives in the model's dtype and sums in `dtype`.
+        Finite-difference operators and distributed problems fall back to p operator products.
+
+        Args:
+          dtype: dtype of the accumulation and of the result (float64 for a factorisation).
+
+        Returns:
+          A symmetric NumPy array `[p, p]`.
+
+        Raises:
+          ResourceError: p > 20,000 (the message gives the memory it would need).
+          NotFiniteError: the matrix contains NaN/Inf.
+
+        Example:
+          >>> A = tfi.HessianOperator(model, loss, (x, y), variables="head", damping=1e-3).dense_matrix()
+        """
         p = self.size
         if p > MAX_DENSE_SIZE:
             raise ResourceError(
-                f"to_dense() of a {p}x{p} Hessian would need {p * p * self.dtype.size / 2**30:.1f} GiB "
-                f"and {p} matvecs; the limit is p ≤ {MAX_DENSE_SIZE}. Select fewer variables or use "
-                "an iterative method."
+                f"The dense {p}x{p} curvature matrix would need {p * p * tf.as_dtype(dtype).size / 2**30:.1f} "
+                f"GiB; the limit is p ≤ {MAX_DENSE_SIZE}. Select fewer variables or use an iterative method."
             )
-        eye = tf.eye(p, dtype=self.dtype)
-        chunk = 64
-        rows = [self.matmul_rows(eye[i:i + chunk]) for i in range(0, p, chunk)]
-        dense = tf.concat(rows, axis=0)
-        return 0.5 * (dense + tf.transpose(dense))
+        problem = self.problem
+        if self.has_batch_products and problem.strategy is None:
+            dense = _dense.dense_curvature(problem.objective, problem.tf_variables, problem.variables, self.space,
+                                           problem.dataset, curvature=self.curvature, damping=self.damping,
+                                           dtype=dtype, as_array=True)
+        else:
+            dense = self._dense_by_products().astype(tf.as_dtype(dtype).as_numpy_dtype)
+        if not np.isfinite(dense).all():
+            raise NotFiniteError(
+                "The dense curvature matrix contains NaN/Inf. Check the data and the loss for NaN, and the "
+                "model weights for divergence."
+            )
+        return dense
+
+    def _to_dense(self):
+        return tf.convert_to_tensor(self.dense_matrix().astype(self.dtype.as_numpy_dtype, copy=False))
+
+    def _dense_by_products(self, chunk=64):
+        eye = tf.eye(self.size, dtype=self.dtype)
+        dense = np.concatenate([self.matmul_rows(eye[i:i + chunk]).numpy() for i in range(0, self.size, chunk)])
+        return 0.5 * (dense + dense.T)
 
     # -- Products on rows ------------------------------------------------------------------------
 
@@ -190,6 +235,7 @@ class HessianOperator(RowsOperator):
             result = self._finite_difference(rows)
         else:
             total, weight = self.data_pass(rows)
+            total = tf.ensure_shape(total, rows.shape)  # the pass is traced for any number of rows
             result = total / tf.cast(weight, self.dtype) + self._regularizer_product(rows)
         result = result + self.damping * rows
         if tf.executing_eagerly() and not bool(tf.reduce_all(tf.math.is_finite(result))):
@@ -237,7 +283,7 @@ class HessianOperator(RowsOperator):
         if self.problem.strategy is not None:
             total = _distribute.batch_sum(self.problem.strategy, self._shard_product, batch, rows)
         else:
-            total = self._batch_product(batch, self.space.unflatten(rows))
+            total = tf.ensure_shape(self._batch_product(batch, self.space.unflatten(rows)), rows.shape)
         weight = tf.cast(tf.reduce_sum(batch[2]), self.dtype)
         return total / weight + self._regularizer_product(rows)
 
@@ -263,6 +309,9 @@ class HessianOperator(RowsOperator):
                 "no float64 MaxPoolGradGrad, which second derivatives through max pooling need). Use "
                 "jit_compile=False, or a float32 model."
             ) from None
+
+    def _batch_product(self, batch, tangents):
+        return self._batch_products[1 if tangents[0].shape[0] == 1 else None](batch, tangents)
 
     def _data_pass_fn(self, rows):
         tangents = self.space.unflatten(rows)

@@ -8,6 +8,7 @@ reusable state of a method (see `tf_influence.solvers.method`); `SOLVERS` maps n
 """
 
 from tf_influence.solvers.auto import Auto
+from tf_influence.solvers.block_cg import block_cg
 from tf_influence.solvers.cg import CG, cg
 from tf_influence.solvers.chain import Chain, chain_solve
 from tf_influence.solvers.direct import Direct, direct
@@ -32,6 +33,7 @@ __all__ = [
     "SOLVERS",
     "ScipyNCG",
     "SolveInfo",
+    "block_cg",
     "cg",
     "chain_solve",
     "direct",

@@ -1,26 +1,19 @@
 """Conjugate gradient for `(H + λI) x = b`, many right-hand sides at once, compiled as one loop."""
 
 import dataclasses
-import logging
 import time
 import typing
-import warnings
 
 import numpy as np
 import tensorflow as tf
 
 from tf_influence import arguments
-from tf_influence.errors import InputError, NegativeCurvatureError, NotFiniteError
-from tf_influence.operators.rows import matmul_rows, operator_size
-from tf_influence.solvers.info import SolveInfo
+from tf_influence.operators.rows import matmul_rows
+from tf_influence.solvers.block_cg import block_cg
+from tf_influence.solvers.cg_common import (NEGATIVE_CURVATURE, NOT_FINITE, OK, PRECONDITIONER_NOT_PD,
+                                            check_arguments, first_bad, loop_signature, raise_for_flag, solve_info)
 from tf_influence.solvers.method import Method, Prepared
-from tf_influence.solvers.rows import as_rows, compiled, relative_norms, row_dot
-
-_log = logging.getLogger(__name__)
-
-# Why the loop stopped early (the graph cannot raise a readable error; it returns a flag).
-_OK, _NEGATIVE_CURVATURE, _NOT_FINITE, _PRECONDITIONER_NOT_PD = 0, 1, 2, 3
-_DEFAULT_MAXITER_CAP = 1000
+from tf_influence.solvers.rows import compiled, row_dot
 
 
 def cg(operator, b, *, x0=None, tol=1e-6, maxiter=None, preconditioner=None, jit_compile=False):
@@ -68,75 +61,15 @@ def cg(operator, b, *, x0=None, tol=1e-6, maxiter=None, preconditioner=None, jit
       >>> info.iterations, info.residual
     """
     start = time.perf_counter()
-    p = operator_size(operator)
-    if getattr(operator, "is_self_adjoint", None) is False:
-        raise InputError(
-            f"cg needs a self-adjoint operator; {getattr(operator, 'name', type(operator).__name__)} "
-            "has is_self_adjoint=False. Use a symmetric curvature (Hessian or Gauss-Newton)."
-        )
-    if getattr(operator, "is_positive_definite", None) is False:
-        raise InputError(
-            "cg needs a positive definite operator; this one is hinted is_positive_definite=False. "
-            "Add damping (HessianOperator(damping=...)) or use curvature='gauss_newton'."
-        )
-    if jit_compile and getattr(operator, "problem", None) is not None:
-        raise InputError(
-            "cg(jit_compile=True) compiles the whole loop with XLA, which cannot iterate the "
-            "operator's tf.data pass. Build the operator with jit_compile=True instead (e.g. "
-            "tfi.HessianOperator(..., jit_compile=True)): each batch's product is then compiled."
-        )
-    tol = arguments.positive_float(tol, "tol")
-    maxiter = arguments.positive_int(min(10 * p, _DEFAULT_MAXITER_CAP) if maxiter is None else maxiter, "maxiter")
-    if preconditioner is not None:
-        m_shape = getattr(preconditioner, "shape", None)
-        if m_shape is not None and tuple(m_shape) != (p, p):
-            raise InputError(
-                f"The preconditioner must be [p, p] = [{p}, {p}] like the operator. Received shape "
-                f"{tuple(m_shape)}."
-            )
-        if m_shape is None and not callable(preconditioner):
-            raise InputError(
-                "preconditioner must be a tf.linalg.LinearOperator or a callable on rows [k, p]. "
-                f"Received {type(preconditioner).__name__}."
-            )
-    rows, single = as_rows(operator, b)
-    if x0 is not None:
-        x0_rows, _ = as_rows(operator, x0, name="x0")
-        if x0_rows.shape != rows.shape:
-            raise InputError(f"x0 must be shaped like b {tuple(np.shape(b))}. Received {tuple(np.shape(x0))}.")
-    else:
-        x0_rows = tf.zeros_like(rows)
+    rows, single, x0_rows, tol, maxiter = check_arguments(operator, b, x0, tol, maxiter, preconditioner, jit_compile)
 
     loop = compiled([operator, preconditioner], (bool(jit_compile), x0 is not None),
                     lambda op_ref, m_ref: _build_loop(op_ref, m_ref, jit_compile, x0 is not None))
     result = loop(rows, x0_rows, tf.constant(tol, rows.dtype), tf.constant(int(maxiter)))
     x, r_norm, iters_per_rhs, iterations, flag, bad_value, bad_row = (t.numpy() for t in result)
-    _raise_for_flag(int(flag), float(bad_value), int(bad_row), int(iterations), operator)
-
-    b_norm = np.linalg.norm(rows.numpy().astype(np.float64), axis=-1)
-    residuals = relative_norms(r_norm, b_norm)
-    done = r_norm <= tol * b_norm
-    converged = bool(np.all(done))
-    if not converged:
-        warnings.warn(
-            f"cg did not converge: {int(np.sum(~done))} of {len(done)} right-hand side(s) still have "
-            f"relative residual up to {residuals.max():.3g} > tol={tol:g} after maxiter={maxiter} "
-            "iterations. Raise maxiter, add damping (a better-conditioned H + λI), or pass a "
-            "preconditioner.",
-            stacklevel=2,
-        )
-    info = SolveInfo(
-        method="cg",
-        iterations=int(iterations),
-        residual=float(residuals.max()),
-        converged=converged,
-        seconds=time.perf_counter() - start,
-        residual_is_estimate=True,  # the recurrence residual; equals b − Ax up to rounding
-        extra=dict(iterations_per_rhs=iters_per_rhs.astype(int).tolist(), residuals=residuals.tolist(),
-                   tol=tol, maxiter=int(maxiter), damping=getattr(operator, "damping", None),
-                   preconditioned=preconditioner is not None),
-    )
-    _log.debug("cg: %d iterations, residual %.3g, converged=%s", info.iterations, info.residual, converged)
+    raise_for_flag(int(flag), float(bad_value), f"right-hand side {int(bad_row)}, iteration {int(iterations)}",
+                   operator)
+    info = solve_info("cg", rows, r_norm, iters_per_rhs, iterations, tol, maxiter, operator, preconditioner, start)
     x = tf.convert_to_tensor(x, dtype=operator.dtype)
     return (x[0] if single else x), info
 
@@ -160,25 +93,25 @@ def _build_loop(op_ref, m_ref, jit_compile, has_x0):
         active = r_norm > threshold
         state = dict(
             i=tf.constant(0), x=x, r=r, p=z, rho=rho, r_norm=r_norm, active=active,
-            iters=tf.zeros([k], tf.int32), flag=tf.constant(_OK), bad_value=zero, bad_row=tf.constant(-1),
+            iters=tf.zeros([k], tf.int32), flag=tf.constant(OK), bad_value=zero, bad_row=tf.constant(-1),
         )
-        state["flag"], state["bad_value"], state["bad_row"] = _first_bad(
-            state["flag"], zero, tf.constant(-1), active & ~(rho > 0), rho, _PRECONDITIONER_NOT_PD)
+        state["flag"], state["bad_value"], state["bad_row"] = first_bad(
+            state["flag"], zero, tf.constant(-1), active & ~(rho > 0), rho, PRECONDITIONER_NOT_PD)
 
         def cond(s):
-            return (s["i"] < maxiter) & tf.reduce_any(s["active"]) & tf.equal(s["flag"], _OK)
+            return (s["i"] < maxiter) & tf.reduce_any(s["active"]) & tf.equal(s["flag"], OK)
 
         def body(s):
             active, p, rho = s["active"], s["p"], s["rho"]
             w = A(p)
             curvature = row_dot(p, w)
             finite = tf.math.is_finite(curvature) & tf.reduce_all(tf.math.is_finite(w), axis=-1)
-            flag, bad_value, bad_row = _first_bad(s["flag"], s["bad_value"], s["bad_row"],
-                                                  active & ~finite, curvature, _NOT_FINITE)
+            flag, bad_value, bad_row = first_bad(s["flag"], s["bad_value"], s["bad_row"],
+                                                  active & ~finite, curvature, NOT_FINITE)
             rayleigh = curvature / tf.maximum(row_dot(p, p), tiny)
-            flag, bad_value, bad_row = _first_bad(flag, bad_value, bad_row,
+            flag, bad_value, bad_row = first_bad(flag, bad_value, bad_row,
                                                   active & finite & (curvature <= 0), rayleigh,
-                                                  _NEGATIVE_CURVATURE)
+                                                  NEGATIVE_CURVATURE)
             step = active & finite & (curvature > 0)
             alpha = tf.where(step, rho / tf.where(step, curvature, tf.ones_like(curvature)), zero)
             x = s["x"] + alpha[:, None] * p
@@ -187,8 +120,8 @@ def _build_loop(op_ref, m_ref, jit_compile, has_x0):
             rho_new = row_dot(r, z)
             r_norm = tf.where(step, tf.norm(r, axis=-1), s["r_norm"])
             still = step & (r_norm > threshold)
-            flag, bad_value, bad_row = _first_bad(flag, bad_value, bad_row, still & ~(rho_new > 0), rho_new,
-                                                  _PRECONDITIONER_NOT_PD)
+            flag, bad_value, bad_row = first_bad(flag, bad_value, bad_row, still & ~(rho_new > 0), rho_new,
+                                                  PRECONDITIONER_NOT_PD)
             beta = tf.where(still, rho_new / tf.where(step, rho, tf.ones_like(rho)), zero)
             p = tf.where(still[:, None], z + beta[:, None] * p, p)
             return (dict(
@@ -201,46 +134,17 @@ def _build_loop(op_ref, m_ref, jit_compile, has_x0):
         return (state["x"], state["r_norm"], state["iters"], state["i"], state["flag"],
                 state["bad_value"], state["bad_row"])
 
-    return tf.function(loop, jit_compile=bool(jit_compile), reduce_retracing=False, autograph=False)
-
-
-def _first_bad(flag, value, row, bad, values, code):
-    """Records the first row where `bad` holds (if no flag is set yet)."""
-    any_bad = tf.reduce_any(bad) & tf.equal(flag, _OK)
-    index = tf.cast(tf.argmax(tf.cast(bad, tf.int32)), tf.int32)
-    return (tf.where(any_bad, code, flag), tf.where(any_bad, tf.gather(values, index), value),
-            tf.where(any_bad, index, row))
-
-
-def _raise_for_flag(flag, value, row, iteration, operator):
-    if flag == _OK:
-        return
-    where = f"right-hand side {row}, iteration {iteration}"  # iterations counted from 1
-    if flag == _NEGATIVE_CURVATURE:
-        damping = getattr(operator, "damping", None)
-        now = f" (damping is {damping:g})" if damping is not None else ""
-        more = (f"damping larger than the current one by more than {-value:.3g}" if value < 0 else
-                "a positive damping")
-        raise NegativeCurvatureError(
-            f"cg met negative curvature at {where}: pᵀ(H + λI)p / ‖p‖² = {value:.4g} ≤ 0, so H + λI is "
-            f"not positive definite{now} and CG cannot solve it. Use {more} "
-            "(tfi.extreme_eigenvalues(operator).suggested_damping estimates one), or "
-            "curvature=\"gauss_newton\" (positive semi-definite), or method=\"direct\" for small problems."
-        )
-    if flag == _NOT_FINITE:
-        raise NotFiniteError(
-            f"cg: the operator product became NaN/Inf at {where} (pᵀAp = {value}). Check the model, "
-            "data and loss for NaN/Inf, and the operator for overflow."
-        )
-    raise InputError(
-        f"cg: the preconditioner is not positive definite: rᵀMr = {value:.4g} ≤ 0 at {where}. A "
-        "preconditioner must approximate (H + λI)⁻¹ and be positive definite; add damping to it."
-    )
+    return tf.function(loop, jit_compile=bool(jit_compile), autograph=False,
+                       input_signature=loop_signature(op_ref()))
 
 
 @dataclasses.dataclass(frozen=True)
 class CG(Method):
-    """Compiled conjugate gradient (`solvers.cg`), all right-hand sides in one pass per iteration.
+    """Compiled conjugate gradient, all right-hand sides in one pass over the data per iteration.
+
+    With `block=True` (default) several right-hand sides are solved by block CG
+    (`solvers.block_cg`: one shared Krylov space, fewer iterations); one right-hand side, or
+    `block=False`, runs plain CG (`solvers.cg`). Both stop at the same tolerance.
 
     Example:
       >>> x, info = CG(tol=1e-8).solve(H, g_rows)
@@ -250,6 +154,7 @@ class CG(Method):
     maxiter: typing.Optional[int] = None
     preconditioner: typing.Any = None
     jit_compile: bool = False
+    block: bool = True
     name: typing.ClassVar[str] = "cg"
     iterative: typing.ClassVar[bool] = True
 
@@ -260,6 +165,11 @@ class CG(Method):
 
     def prepare(self, source):
         operator = source.hessian()
-        return Prepared(self, operator, lambda rows: cg(
-            operator, rows, tol=self.tol, maxiter=self.maxiter, preconditioner=self.preconditioner,
-            jit_compile=self.jit_compile))
+
+        def solve(rows):
+            several = self.block and tf.convert_to_tensor(rows).shape.rank == 2 and rows.shape[0] > 1
+            return (block_cg if several else cg)(
+                operator, rows, tol=self.tol, maxiter=self.maxiter, preconditioner=self.preconditioner,
+                jit_compile=self.jit_compile)
+
+        return Prepared(self, operator, solve)

@@ -201,7 +201,7 @@ def _build_run(operator, minibatches):
         return s, j, flag, norms
 
     # Plain Python control flow on static settings plus an explicit while_loop: no AutoGraph.
-    return tf.function(run, reduce_retracing=False, autograph=False)
+    return tf.function(run, reduce_retracing=True, autograph=False)  # at most 2 traces for any row counts
 
 
 def _raise_divergence(operator, s, norms, v_norm, step, depth, sample, num_samples, scale, batch_size, n,

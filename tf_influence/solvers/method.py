@@ -55,12 +55,15 @@ class Prepared:
       method: the method object.
       operator: the operator the solutions are for (`H + λI`, or `C + λI` for EKFAC/KFAC).
       solve: `fn(rows) -> (x, SolveInfo)`, rows `[k, p]` or `[p]`.
+      quadratic_forms: `fn(rows) -> [k]` NumPy values `rowᵀ (H + λI)⁻¹ row` computed from a
+        factorisation without the solutions (exact factorised routes, e.g. `Direct`), or None.
     """
 
-    def __init__(self, method, operator, solve):
+    def __init__(self, method, operator, solve, quadratic_forms=None):
         self.method = method
         self.operator = operator
         self.solve = solve
+        self.quadratic_forms = quadratic_forms
 
     def __repr__(self):
         return f"Prepared({self.method!r}, operator={getattr(self.operator, 'name', type(self.operator).__name__)})"
