@@ -45,11 +45,15 @@ def batch_curvature_product(objective, tf_vars, batch, tangents, *, mode, curvat
     finite-difference step r, default `ε^(1/3)·(1 + ‖θ‖)/‖v‖`) are used by mode="finite_difference".
     """
     x, y, w = batch
+    # pfor cannot vectorise through a recurrent layer's while loop: those models map the tangents
+    # one after another.
+    vectorize = not looping_recurrent_layers(objective.model)
     if curvature == "gauss_newton":
-        return _map_tangents(lambda v: _gauss_newton_vp(objective, tf_vars, x, y, w, v), tangents)
+        return _map_tangents(lambda v: _gauss_newton_vp(objective, tf_vars, x, y, w, v), tangents, vectorize)
     if mode == "finite_difference":
-        return _map_tangents(lambda v: finite_difference(objective, variables, tf_vars, batch, v, step=step), tangents)
-    if mode == "forward_over_back" and looping_recurrent_layers(objective.model):
+        return _map_tangents(lambda v: finite_difference(objective, variables, tf_vars, batch, v, step=step), tangents,
+                             vectorize)
+    if mode == "forward_over_back" and not vectorize:
         # TensorFlow's ForwardAccumulator cannot differentiate the variables a recurrent layer's
         # while loop captures ("variable without handle data"); back-over-back is just as exact.
         mode = "back_over_back"
@@ -59,7 +63,7 @@ def batch_curvature_product(objective, tf_vars, batch, tangents, *, mode, curvat
         if mode == "forward_over_back":
             return _map_tangents(lambda v: forward_over_back(loss, tf_vars, v), tangents)
         if mode == "back_over_back":
-            return back_over_back(loss, tf_vars, tangents)
+            return back_over_back(loss, tf_vars, tangents, vectorize=vectorize)
     raise ValueError(f"mode {mode!r} has no per-batch product")
 
 
@@ -111,9 +115,9 @@ def forward_over_back(loss_fn, tf_vars, v):
     return [densify(h) for h in acc.jvp(grads, unconnected_gradients=_ZERO)]
 
 
-def back_over_back(loss_fn, tf_vars, tangents):
+def back_over_back(loss_fn, tf_vars, tangents, *, vectorize=True):
     """Hessian of `loss_fn()` times k tangents: one forward/backward pass, then the second backward
-    pass vectorised over the k tangents (its output gradients)."""
+    pass over the k tangents (its output gradients), vectorised unless `vectorize=False`."""
     with tf.GradientTape(persistent=True) as outer:
         outer.watch(tf_vars)
         with tf.GradientTape() as inner:
@@ -124,7 +128,7 @@ def back_over_back(loss_fn, tf_vars, tangents):
     def one(v):
         return [densify(h) for h in outer.gradient(grads, tf_vars, output_gradients=v, unconnected_gradients=_ZERO)]
 
-    return _map_tangents(one, tangents)
+    return _map_tangents(one, tangents, vectorize)
 
 
 def _gauss_newton_vp(objective, tf_vars, x, y, w, v):
@@ -168,8 +172,12 @@ def _jvp_by_double_vjp(objective, tf_vars, x, v):
     return outputs, tf.nest.pack_sequence_as(outputs, jv), tape
 
 
-def _map_tangents(fn, tangents):
-    """`fn` (one variable-shaped tangent list -> products) for each of the k tangents, vectorised."""
+def _map_tangents(fn, tangents, vectorize=True):
+    """`fn` (one variable-shaped tangent list -> products) for each of the k tangents, vectorised
+    (pfor) or, with `vectorize=False`, one after another (`tf.map_fn`)."""
     if tangents[0].shape[0] == 1:
         return [tf.expand_dims(h, 0) for h in fn([t[0] for t in tangents])]
-    return tf.vectorized_map(fn, list(tangents))
+    if vectorize:
+        return tf.vectorized_map(fn, list(tangents))
+    specs = [tf.TensorSpec(t.shape[1:], t.dtype) for t in tangents]
+    return tf.map_fn(fn, list(tangents), fn_output_signature=specs)
