@@ -99,7 +99,8 @@ class EKFACOperator(RowsOperator):
                 for m, layer, scale in zip(matrices, self.factors.layers, scales)]
 
     def _rows(self, rows, power):
-        return join_layers(self._layers(self.layer_matrices(rows), power), self.factors.space.sizes, self.layouts)
+        joined = join_layers(self._layers(self.layer_matrices(rows), power), self.factors.space.sizes, self.layouts)
+        return tf.ensure_shape(joined, [None, self.size])  # static width for compiled loops (CG's signature)
 
 
 def _nonsingular(eigenvalues, damping):
