@@ -43,7 +43,19 @@ def batch_curvature_product(objective, tf_vars, batch, tangents, *, mode, curvat
 
     `variables` (the selected variables, as given to `Objective.outputs`) and `step` (a fixed
     finite-difference step r, default `ε^(1/3)·(1 + ‖θ‖)/‖v‖`) are used by mode="finite_difference".
+    An empty batch (a replica's empty shard) gives zeros: pfor fails on zero-size batches.
     """
+    def product():
+        return _batch_curvature_product(objective, tf_vars, batch, tangents, mode=mode, curvature=curvature,
+                                        variables=variables, step=step)
+
+    examples = tf.shape(batch[2])[0]
+    if isinstance(examples, tf.Tensor) and tf.get_static_value(examples) is None:
+        return tf.cond(examples > 0, product, lambda: [tf.zeros_like(t) for t in tangents])
+    return product() if int(examples) > 0 else [tf.zeros_like(t) for t in tangents]
+
+
+def _batch_curvature_product(objective, tf_vars, batch, tangents, *, mode, curvature, variables, step):
     x, y, w = batch
     # pfor cannot vectorise through a recurrent layer's while loop: those models map the tangents
     # one after another.
