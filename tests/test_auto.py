@@ -115,16 +115,8 @@ def test_auto_takes_the_chain_route_on_a_deep_dense_chain_when_direct_does_not_f
     assert relative_error(solution, reference) <= 1e-10
 
 
-class _OwnLayerNorm(keras.layers.LayerNormalization):
-    """A subclass with its own `call`: its second derivatives cannot be made exact (formula unknown)."""
-
-    def call(self, inputs):
-        return super().call(inputs)
-
-
 def _layer_norm_model():
-    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, activation="tanh", name="hidden"),
-                             _OwnLayerNorm(), keras.layers.Dense(3, name="head")])
+    return models.own_layer_norm_mlp()
 
 
 def test_auto_accepts_a_layer_norm_model_that_only_ekfac_accepts(float64, rng):
