@@ -86,6 +86,16 @@ def looping_recurrent_layers(model):
     return [layer for layer in walk_layers(model) if hasattr(layer, "cell") and not getattr(layer, "unroll", False)]
 
 
+def batch_coupled_layers(model, *, training):
+    """The layers of `model` whose output for one example depends on the other examples of its batch:
+    trainable BatchNormalization layers called in training mode (they normalise by batch moments).
+    Per-example quantities computed one example at a time are wrong for such models."""
+    if not training:
+        return []
+    return [layer for layer in walk_layers(model)
+            if "BatchNormalization" in type(layer).__name__ and getattr(layer, "trainable", False)]
+
+
 def _walk(layer, seen, into):
     for child in sublayers(layer):
         if id(child) in seen:

@@ -15,7 +15,7 @@ import tensorflow as tf
 from tf_influence.curvature.factors import layer_rows
 from tf_influence.data import as_dataset
 from tf_influence.errors import InputError
-from tf_influence.layers import walk_layers
+from tf_influence.layers import batch_coupled_layers
 
 DEFAULT_TEST_CHUNK = 128
 
@@ -46,9 +46,8 @@ def ekfac_scores(operator, test_gradients, train, *, objective=None, batch_size=
         raise InputError(
             "ekfac_scores needs the loss: pass objective=tfi.Objective(model, loss) (loaded factors "
             "carry no objective).")
-    coupled = [layer.name for layer in walk_layers(factors.model)
-               if "BatchNormalization" in type(layer).__name__ and getattr(layer, "trainable", False)]
-    if objective.training and coupled:
+    coupled = [layer.name for layer in batch_coupled_layers(factors.model, training=objective.training)]
+    if coupled:
         raise InputError(
             f"ekfac_scores needs each training example's gradient as Σ_t a_t g_tᵀ of its own captured rows, but in "
             f"training mode the batch statistics of {coupled} couple the examples of a batch. Use "

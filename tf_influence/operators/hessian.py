@@ -13,7 +13,7 @@ from tf_influence.curvature import dense as _dense
 from tf_influence.curvature import products as _products
 from tf_influence.data import batch_spec, first_batch
 from tf_influence.errors import InputError, NotFiniteError, ResourceError, SecondDerivativeError
-from tf_influence.layers import looping_recurrent_layers
+from tf_influence.layers import batch_coupled_layers, looping_recurrent_layers
 from tf_influence.operators.damping import DampingChoice, lanczos_damping
 from tf_influence.operators.minibatch import MinibatchCurvature
 from tf_influence.operators.rows import RowsOperator
@@ -179,8 +179,10 @@ class HessianOperator(RowsOperator):
         Built by `curvature.dense.dense_curvature` in a few compiled passes over the data (the
         Hessian as pfor-vectorised rows of the batch gradient's Jacobian, the Gauss-Newton matrix
         from per-example output Jacobians), derivatives in the model's dtype and sums in `dtype`.
-        Finite-difference operators, distributed problems and models with looping recurrent layers
-        (whose while loops pfor cannot vectorise) fall back to p operator products.
+        Finite-difference operators, distributed problems, models with looping recurrent layers
+        (whose while loops pfor cannot vectorise) and, for the Gauss-Newton matrix (built from
+        per-example Jacobians), models whose examples are coupled within a batch (training-mode
+        BatchNormalization) fall back to p operator products.
 
         Args:
           dtype: dtype of the accumulation and of the result (float64 for a factorisation).
@@ -202,7 +204,10 @@ class HessianOperator(RowsOperator):
                 f"GiB; the limit is p ≤ {MAX_DENSE_SIZE}. Select fewer variables or use an iterative method."
             )
         problem = self.problem
-        if self.has_batch_products and problem.strategy is None and not looping_recurrent_layers(problem.model):
+        coupled = self.curvature == "gauss_newton" and batch_coupled_layers(problem.model,
+                                                                            training=problem.objective.training)
+        if (self.has_batch_products and problem.strategy is None and not looping_recurrent_layers(problem.model)
+                and not coupled):
             dense = _dense.dense_curvature(problem.objective, problem.tf_variables, problem.variables, self.space,
                                            problem.dataset, curvature=self.curvature, damping=self.damping,
                                            dtype=dtype, as_array=True)
