@@ -24,7 +24,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tf_influence.hvp import forward_over_back  # noqa: E402
+from tf_influence.curvature.products import forward_over_back  # noqa: E402
 from tf_influence.normalization import exact_second_derivatives, inexact_layers  # noqa: E402
 
 L = keras.layers

@@ -68,6 +68,17 @@ def per_example_gradients(objective, variables, x, y):
     return space.flatten(jacobian, batch_dims=1).numpy()
 
 
+def spd_system(seed=1, p=20, k=4):
+    """A random symmetric positive definite `a` [p, p], right-hand sides `b` [k, p], `a` as an operator
+    (self-adjoint, positive definite hints) and the dense solution `a⁻¹ bᵀ` as rows."""
+    rng = np.random.default_rng(seed)
+    m = rng.standard_normal((p, p))
+    a = m @ m.T + 0.5 * np.eye(p)
+    b = rng.standard_normal((k, p))
+    op = dense_operator(a, is_self_adjoint=True, is_positive_definite=True)
+    return a, b, op, np.linalg.solve(a, b.T).T
+
+
 def dense_operator(matrix, **hints):
     return tf.linalg.LinearOperatorFullMatrix(tf.constant(matrix, tf.float64), **hints)
 

@@ -48,3 +48,17 @@ def classification_data(rng, n=40, d=4, classes=3):
     x = rng.standard_normal((n, d))
     y = rng.integers(0, classes, size=n)
     return x, y
+
+
+class OwnLayerNormalization(keras.layers.LayerNormalization):
+    """A LayerNormalization subclass with its own `call`: tf_influence cannot make its second
+    derivatives exact (its formula is unknown), so exact Hessian products refuse it."""
+
+    def call(self, inputs):
+        return super().call(inputs)
+
+
+def own_layer_norm_mlp(hidden=5):
+    """Dense(tanh) -> OwnLayerNormalization -> Dense(3): a model only EKFAC/KFAC (and Gauss-Newton) accept."""
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(hidden, activation="tanh", name="hidden"),
+                             OwnLayerNormalization(), keras.layers.Dense(3, name="head")])

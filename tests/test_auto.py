@@ -116,8 +116,7 @@ def test_auto_takes_the_chain_route_on_a_deep_dense_chain_when_direct_does_not_f
 
 
 def _layer_norm_model():
-    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, activation="tanh", name="hidden"),
-                             keras.layers.LayerNormalization(), keras.layers.Dense(3, name="head")])
+    return models.own_layer_norm_mlp()
 
 
 def test_auto_accepts_a_layer_norm_model_that_only_ekfac_accepts(float64, rng):

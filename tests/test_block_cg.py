@@ -38,12 +38,7 @@ def test_block_cg_with_more_right_hand_sides_than_parameters(softmax_regression)
 
 
 def test_block_cg_preconditioned_and_on_a_plain_operator_with_xla():
-    rng = np.random.default_rng(1)
-    m = rng.standard_normal((20, 20))
-    a = m @ m.T + 0.5 * np.eye(20)
-    b = rng.standard_normal((4, 20))
-    op = sh.dense_operator(a, is_self_adjoint=True, is_positive_definite=True)
-    reference = np.linalg.solve(a, b.T).T
+    a, b, op, reference = sh.spd_system()
     for jit in (False, True):
         x, info = block_cg(op, b, tol=1e-12, jit_compile=jit)
         assert info.converged and relative_error(x, reference) <= 1e-9

@@ -90,8 +90,7 @@ def test_default_call_succeeds_on_a_relu_mlp_and_a_batchnorm_cnn(rng):
 
 
 def test_ekfac_takes_its_damping_from_its_factors_without_exact_products(float64, rng):
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(6, activation="tanh", name="hidden"),
-                              keras.layers.LayerNormalization(), keras.layers.Dense(3, name="head")])
+    model = models.own_layer_norm_mlp(hidden=6)
     x, y = models.classification_data(rng, n=30)
     with pytest.raises(tfi.SecondDerivativeError):  # no exact Hessian products, so no Lanczos
         tfi.HessianOperator(model, sce, (x, y), variables=["hidden", "head"])

@@ -15,7 +15,8 @@ from tests.helpers import relative_error
 from tests.normalization_twins import (batch_norm_twin, flat, group_norm_twin, layer_norm_twin, make_data,
                                        mse, products, split, twin_hessian)
 from tf_influence.curvature.products import forward_over_back
-from tf_influence.normalization import exact_second_derivatives, inexact_layers, iter_layers
+from tf_influence.layers import walk_layers
+from tf_influence.normalization import exact_second_derivatives, inexact_layers
 
 
 # ---------------------------------------------------------------- Keras models
@@ -232,7 +233,7 @@ def test_nested_model_and_custom_block(float64, rng):
     assert "call" not in vars(norm)
 
 
-def test_iter_layers_finds_attention_sublayers(float64):
+def test_walk_layers_finds_attention_sublayers(float64):
     class Transformer(keras.layers.Layer):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
@@ -245,7 +246,7 @@ def test_iter_layers_finds_attention_sublayers(float64):
     inputs = keras.Input((4, 6))
     block = Transformer()
     model = keras.Model(inputs, block(inputs))
-    found = iter_layers(model)
+    found = list(walk_layers(model, include_root=True))
     assert block in found and block.norm in found and block.attention in found
     assert block.attention._query_dense in found  # only reachable through attributes
     assert len(found) == len({id(layer) for layer in found})

@@ -6,7 +6,8 @@ import tensorflow as tf
 
 from tests.helpers import relative_error
 from tests.normalization_twins import batch_norm_twin, layer_norm_twin, make_data, mse, products, twin_hessian
-from tf_influence.normalization import exact_second_derivatives, inexact_layers, iter_layers
+from tf_influence.layers import walk_layers
+from tf_influence.normalization import exact_second_derivatives, inexact_layers
 
 tf_keras = pytest.importorskip("tf_keras")
 L = tf_keras.layers
@@ -89,6 +90,6 @@ def test_sync_batch_norm_listed_in_training(tfk_float64):
     sync = L.BatchNormalization(synchronized=True)
     norm = L.LayerNormalization()
     model = tf_keras.Model(inputs, sync(norm(L.Dense(4)(inputs))))
-    assert {sync, norm} <= set(iter_layers(model))
+    assert {sync, norm} <= set(walk_layers(model, include_root=True))
     assert inexact_layers(model) == []
     assert inexact_layers(model, training=True) == [sync]

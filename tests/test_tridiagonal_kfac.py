@@ -93,3 +93,8 @@ def test_influence_route_and_refusals(float64, rng):
                       progress=False).scores((x[:1], y[:1]))
     with pytest.raises(tfi.InputError, match="fisher"):
         TridiagonalKFAC(fisher="exact")
+    normalized = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5), keras.layers.LayerNormalization(),
+                                   keras.layers.Dense(3)])
+    with pytest.raises(tfi.UnsupportedLayerError, match="elementwise"):
+        tfi.Influence(normalized, sce, (x, y), method="kfac_tridiagonal", damping=0.1,
+                      progress=False).scores((x[:1], y[:1]))

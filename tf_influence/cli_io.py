@@ -30,6 +30,7 @@ import numpy as np
 from tf_influence.data import as_dataset
 from tf_influence.errors import InputError
 from tf_influence.export.saved_model import is_influence_export
+from tf_influence.files import check_writable_folder
 
 _NPY_MAGIC = b"\x93NUMPY"
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -338,12 +339,7 @@ def _check_folder(path, flag):
     if not os.path.isdir(folder):
         raise InputError(f"{flag} {path!r}: the folder {folder!r} does not exist. Create it first "
                          f"(mkdir -p {folder}) or choose another path.")
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise InputError(f"{flag} {path!r}: cannot write in the folder {folder!r} ({e.strerror or e}). "
-                         "Choose a writable folder.") from e
+    check_writable_folder(folder, path, flag)
 
 
 def _is_saved_model(path):

@@ -54,12 +54,7 @@ def check_target(path, what, *, directory=False, replaceable=None, overwrite=Fal
             raise InputError(f"{what} {path!r}: the folder {existing!r} {kind}. Create the folder first, or choose "
                              "another path.")
         existing = os.path.dirname(existing)
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise InputError(f"{what} {path!r}: cannot write in the folder {existing!r} ({e.strerror or e}). Choose a "
-                         "writable folder.") from None
+    check_writable_folder(existing, path, what)
     if not os.path.lexists(path):
         return path
     if directory and not os.path.isdir(path):
@@ -75,6 +70,16 @@ def check_target(path, what, *, directory=False, replaceable=None, overwrite=Fal
         raise InputError(f"{what} {path!r} already exists. Pass overwrite=True to replace it (it is a previous "
                          "output of tf_influence).")
     return path
+
+
+def check_writable_folder(folder, path, what):
+    """Raises InputError naming `what` and `path` when a file cannot be created in `folder`."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise InputError(f"{what} {path!r}: cannot write in the folder {folder!r} ({e.strerror or e}). Choose a "
+                         "writable folder.") from None
 
 
 def atomic_save_npy(path, array):

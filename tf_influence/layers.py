@@ -11,16 +11,25 @@ Example:
   ['dense', 'dense_1']
 """
 
+import collections.abc
 
-def walk_layers(model, *, into=None):
-    """Every layer of `model` (not the model itself), depth first: a composite layer before its parts.
+
+def walk_layers(model, *, into=None, include_root=False):
+    """Every layer of `model`, depth first: a composite layer before its parts, each layer once.
 
     Args:
-      model: a Keras model or layer.
+      model: a Keras model or layer (Keras 3 or tf-keras).
       into: `fn(layer) -> bool`, whether to descend into a composite layer (default: always);
         e.g. `into=is_nested_model` keeps composite layers such as MultiHeadAttention whole.
+      include_root: also yield `model` itself, first.
+
+    Example:
+      >>> [layer.name for layer in walk_layers(model)]
+      ['dense', 'block', 'block_dense', 'dense_1']
     """
     seen = {id(model)}
+    if include_root:
+        yield model
     yield from _walk(model, seen, into)
 
 
@@ -32,18 +41,21 @@ def leaf_layers(model):
 
 
 def sublayers(layer):
-    """The direct sublayers of `layer`: `layer.layers` for models, else the `Layer` attributes."""
+    """The direct sublayers of `layer`: `layer.layers` for models, else the `Layer`s among its
+    attributes and inside the lists, tuples and dicts they hold (nested containers included)."""
     listed = getattr(layer, "layers", None)
     if isinstance(listed, (list, tuple)):
         return [item for item in listed if _is_layer(item)]
-    found = []
-    for value in vars(layer).values():
-        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
-        found.extend(item for item in items if _is_layer(item) and item is not layer)
     unique = {}
-    for item in found:
+    for item in _layers_in(list(vars(layer).values()), {id(layer)}):
         unique.setdefault(id(item), item)
     return list(unique.values())
+
+
+def own_weights(layer):
+    """The trainable weights of `layer` that none of its sublayers holds (all of them for a leaf)."""
+    inner = {id(w) for child in sublayers(layer) for w in getattr(child, "trainable_weights", [])}
+    return [w for w in getattr(layer, "trainable_weights", []) if id(w) not in inner]
 
 
 def is_nested_model(layer):
@@ -68,6 +80,22 @@ def owning_layers(model, variables):
     return {id(v): owners[id(v)] for v in variables if id(v) in owners}
 
 
+def looping_recurrent_layers(model):
+    """The recurrent layers of `model` that run a `tf.while_loop` over time (RNN, GRU, LSTM,
+    ConvLSTM, Bidirectional, ... with `unroll=False`)."""
+    return [layer for layer in walk_layers(model) if hasattr(layer, "cell") and not getattr(layer, "unroll", False)]
+
+
+def batch_coupled_layers(model, *, training):
+    """The layers of `model` whose output for one example depends on the other examples of its batch:
+    trainable BatchNormalization layers called in training mode (they normalise by batch moments).
+    Per-example quantities computed one example at a time are wrong for such models."""
+    if not training:
+        return []
+    return [layer for layer in walk_layers(model)
+            if "BatchNormalization" in type(layer).__name__ and getattr(layer, "trainable", False)]
+
+
 def _walk(layer, seen, into):
     for child in sublayers(layer):
         if id(child) in seen:
@@ -78,5 +106,22 @@ def _walk(layer, seen, into):
             yield from _walk(child, seen, into)
 
 
+def _layers_in(values, seen):
+    """The layers among `values`, looking inside containers but not inside layers."""
+    found = []
+    for value in values:
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if _is_layer(value):
+            found.append(value)
+        elif isinstance(value, collections.abc.Mapping):
+            found.extend(_layers_in(list(value.values()), seen))
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            found.extend(_layers_in(list(value), seen))
+    return found
+
+
 def _is_layer(obj):
-    return hasattr(obj, "trainable_weights") and hasattr(obj, "call") and hasattr(obj, "name") and not isinstance(obj, type)
+    return (hasattr(obj, "trainable_weights") and hasattr(obj, "call") and hasattr(obj, "name")
+            and not isinstance(obj, type))

@@ -73,15 +73,22 @@ def saturated_losses(loss_name, losses, outputs, name):
 
 
 def nondeterministic(model, call, x, name):
-    """A message when two identical calls `call(x)` differ (stochastic layers in training mode), else None."""
+    """A message when the model is random in training mode (two identical calls `call(x)` differ, or it
+    has stochastic layers whose random state the stateless evaluation freezes), else None."""
     first = [t.numpy() for t in tf.nest.flatten(call(x))]
     second = [t.numpy() for t in tf.nest.flatten(call(x))]
     difference = max(float(np.max(np.abs(a - b))) if a.size else 0.0 for a, b in zip(first, second))
-    if difference == 0:
-        return None
-    scale = max(float(np.max(np.abs(a))) if a.size else 0.0 for a in first)
     layers = [layer.name for layer in leaf_layers(model) if any(s in type(layer).__name__ for s in _STOCHASTIC)]
     which = f" (stochastic layers: {layers})" if layers else ""
+    if difference == 0 and not layers:
+        return None
+    if difference == 0:  # evaluated statelessly: one random draw (e.g. one dropout mask), frozen
+        return (f"The model is called with training=True and is random{which}: tf_influence evaluates it "
+                "without advancing its random state, so every loss, gradient and curvature product uses one "
+                "frozen draw (e.g. one dropout mask), a model that is neither the trained nor the served one; "
+                "two identical runs agree only because the draw is frozen. Use training=False (the default), "
+                "which turns Dropout and noise layers off.")
+    scale = max(float(np.max(np.abs(a))) if a.size else 0.0 for a in first)
     return (f"The model is called with training=True and is random: two identical calls on the first batch of "
             f"{name} differ by up to {difference:.3g} (outputs up to {scale:.3g}){which}. Every loss, gradient and "
             "curvature product is then a random draw, so two identical runs give different scores. Use "

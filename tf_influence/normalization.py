@@ -34,7 +34,6 @@ right derivatives of every order. `inexact_layers` lists the layers it cannot fi
 layers are handled by `tf_influence.normalization_tf_keras`.
 """
 
-import collections.abc
 import contextlib
 import sys
 import threading
@@ -43,6 +42,7 @@ import keras
 import tensorflow as tf
 
 from tf_influence.errors import InputError
+from tf_influence.layers import walk_layers
 from tf_influence.normalization_rules import Rule, moments
 
 _LOCK = threading.RLock()
@@ -83,7 +83,7 @@ def exact_second_derivatives(model):
     """
     _check_layer(model, "exact_second_derivatives")
     targets = []
-    for layer in iter_layers(model):
+    for layer in walk_layers(model, include_root=True):
         rule = _rule(layer)
         if rule is not None and not rule.overridden(layer) and rule.needed(layer):
             targets.append((layer, rule))
@@ -114,7 +114,7 @@ def inexact_layers(model, *, training=False):
         moments only in training mode).
 
     Returns:
-      A list of layers, in the order `iter_layers` finds them.
+      A list of layers, in the order `tf_influence.layers.walk_layers` finds them.
 
     Raises:
       InputError: when `model` is not a Keras layer or model.
@@ -125,46 +125,12 @@ def inexact_layers(model, *, training=False):
     """
     _check_layer(model, "inexact_layers")
     found = []
-    for layer in iter_layers(model):
+    for layer in walk_layers(model, include_root=True):
         rule = _rule(layer)
         if rule is None or not rule.needed(layer):
             continue
         if (training or not rule.training_only) and (rule.overridden(layer) or rule.unfixed(layer, training)):
             found.append(layer)
-    return found
-
-
-def iter_layers(model):
-    """Every layer reachable from `model`: itself, nested models and sublayers, each once.
-
-    Keras 3 has no public list of a layer's sublayers (`Model.layers` holds only the top level),
-    so this walks the attributes of each layer and the lists, tuples and dicts they hold, as
-    `tf.Module.submodules` does. Layers kept in attributes of custom blocks (e.g. the Dense
-    layers of a MultiHeadAttention) are found.
-
-    Args:
-      model: a Keras layer or model (Keras 3 or tf-keras).
-
-    Returns:
-      A list of layers, `model` first, then depth-first in attribute order.
-    """
-    found, seen, stack = [], set(), [model]
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if _is_layer(obj):
-            found.append(obj)
-            children = list(vars(obj).values())
-        elif isinstance(obj, collections.abc.Mapping):
-            children = list(obj.values())
-        elif isinstance(obj, (list, tuple, set, frozenset, collections.abc.Sequence)) and not isinstance(
-                obj, (str, bytes)):
-            children = list(obj)
-        else:
-            continue
-        stack.extend(reversed(children))
     return found
 
 

@@ -6,8 +6,10 @@
 no data and no curvature. `Problem` joins it with the data and the selected variables.
 """
 
+import contextlib
 import warnings
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -61,16 +63,41 @@ class Objective:
             return any(getattr(v, "regularizer", None) is not None for v in self.model.trainable_weights)
         return bool(self.model.losses)  # tf-keras
 
-    def outputs(self, x):
-        return self.model(x, training=self.training)
+    @property
+    def can_substitute(self):
+        """True when `outputs(x, values=...)` can evaluate the model at other variable values (Keras 3)."""
+        return isinstance(self.model, keras.layers.Layer)
+
+    def outputs(self, x, values=None):
+        """The model's outputs on `x`, called with the objective's `training` flag.
+
+        Keras 3 models run in a `keras.StatelessScope`, so a call in training mode never changes the
+        model's state (BatchNormalization's moving statistics stay as they are), and `values` can
+        stand in for variables without assigning them (traceable, e.g. for finite differences).
+
+        Args:
+          x: a batch of inputs.
+          values: optional `[(variable, tensor), ...]`: evaluate the model with these tensors in
+            place of those (Keras 3) variables. Gradients flow to the tensors.
+        """
+        if not self.can_substitute:
+            if values:
+                raise InputError(
+                    "Evaluating the model at other variable values needs a Keras 3 model; this is a "
+                    f"{type(self.model).__module__.split('.')[0]} model.")
+            return self.model(x, training=self.training)
+        scope = keras.StatelessScope(state_mapping=list(values or ())) if (values or self.training) else (
+            contextlib.nullcontext())
+        with scope:
+            return self.model(x, training=self.training)
 
     def per_example_loss(self, y, outputs):
         """Per-example losses `[batch]`; extra axes (e.g. time steps) are averaged."""
         return _per_example(tf.convert_to_tensor(self.loss_function(y, outputs)))
 
-    def weighted_loss_sum(self, x, y, w):
-        """`Σᵢ wᵢ ℓᵢ` over one batch."""
-        losses = self.per_example_loss(y, self.outputs(x))
+    def weighted_loss_sum(self, x, y, w, values=None):
+        """`Σᵢ wᵢ ℓᵢ` over one batch (at the variable `values` given, see `outputs`)."""
+        losses = self.per_example_loss(y, self.outputs(x, values))
         return tf.reduce_sum(tf.cast(w, losses.dtype) * losses)
 
     def regularization(self, variables):

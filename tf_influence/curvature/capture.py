@@ -1,157 +1,187 @@
-"""Layer capture without hooks: each layer's inputs and pre-activation outputs during a forward pass.
+"""Layer capture without hooks: each block's inputs and pre-activation outputs during a forward pass.
 
 Keras has no forward/backward hooks. `capture(blocks)` temporarily replaces `layer.call` on each
 layer instance by a wrapper that runs the original `call` with the layer's activation switched off,
 records the input `x` and the pre-activation output `z`, and applies the activation itself. The
 caller differentiates a loss with respect to the recorded `z` (a `GradientTape` can differentiate
-with respect to any tensor it recorded) to get `g = ∂ℓ/∂z`. Every change is undone when the context
-exits, also when an exception escapes.
+with respect to any tensor it recorded) to get `g = ∂ℓ/∂z`. A separable convolution is computed by
+the wrapper as its depthwise and pointwise parts, so that the intermediate is recorded too; for
+elementwise parameters the wrapper also records their features `∂z/∂p` (see `LayerBlock`). Every
+change is undone when the context exits, also when an exception escapes.
 
-For every supported layer, the weight gradient factors exactly as
-
-    ∂ℓ/∂W = Σ_t a_t g_tᵀ        (a: input rows with a 1 appended for the bias, g: output rows)
-
-summed over the layer's "positions" t: 1 for a Dense layer on vectors, the time steps of a Dense
-layer on sequences, the output pixels of a convolution (a_t: the input patch, as in KFC), the
-tokens of an Embedding (a_t: the one-hot token), and repeated calls of a shared layer.
-
-`LayerBlock` describes one such layer (which selected variables it holds, how to turn a recorded
-input and output into the rows `a` `[N, T, d_a]` and `g` `[N, T, d_g]`); `find_blocks` builds them
-for a model and a variable selection and refuses layers it cannot factor.
+`find_blocks` turns a model and a variable selection into `LayerBlock`s (see `blocks.py` for the
+kinds), walking composite layers (MultiHeadAttention, nested models, custom blocks) down to the
+layers that own the weights, and refuses the weights it cannot factor, naming their layers.
 """
 
 import contextlib
-import dataclasses
 
 import numpy as np
 import tensorflow as tf
 
+from tf_influence.curvature import patches as _patches
+from tf_influence.curvature.blocks import DENSE_LIMIT, LayerBlock
 from tf_influence.errors import UnsupportedLayerError
-from tf_influence.layers import leaf_layers
+from tf_influence.layers import is_nested_model, own_weights, sublayers, walk_layers
 
-SUPPORTED_LAYERS = ("Dense", "EinsumDense", "Conv1D", "Conv2D", "Embedding")
-
-
-@dataclasses.dataclass(eq=False)
-class LayerBlock:
-    """One layer whose selected weights have a Kronecker-factored gradient `Σ_t a_t g_tᵀ`.
-
-    Attributes:
-      layer: the Keras layer.
-      kind: "dense" (Dense, EinsumDense), "conv" (Conv1D, Conv2D) or "embedding".
-      kernel: the selected kernel variable, or None when only the bias is selected.
-      bias: the selected bias variable, or None.
-      in_features: rows of the kernel seen as a matrix `[d_in, d_out]` (the vocabulary size for
-        an Embedding).
-      out_features: columns `d_out` of that matrix.
-    """
-
-    layer: object
-    kind: str
-    kernel: object
-    bias: object
-    in_features: int
-    out_features: int
-
-    @property
-    def name(self):
-        return self.layer.name
-
-    @property
-    def variables(self):
-        return [v for v in (self.kernel, self.bias) if v is not None]
-
-    @property
-    def a_size(self):
-        """`d_a`: kernel rows (if the kernel is selected) plus 1 for the bias (if selected)."""
-        return (self.in_features if self.kernel is not None else 0) + (self.bias is not None)
-
-    @property
-    def diagonal_inputs(self):
-        """True for an Embedding: `a` is one-hot, so `E[a aᵀ]` is diagonal and stays implicit."""
-        return self.kind == "embedding"
-
-    def input_rows(self, inputs):
-        """`a` rows `[N, T, d_a]` from one recorded layer input (int token ids `[N, T]` for embeddings)."""
-        if self.kind == "embedding":
-            ids = tf.cast(inputs, tf.int32)
-            return tf.reshape(ids, [tf.shape(ids)[0], -1])
-        if self.kind == "conv":
-            rows = _conv_patches(self.layer, inputs)
-        else:
-            rows = tf.convert_to_tensor(inputs)
-            if self.layer.__class__.__name__ == "EinsumDense":
-                rows = _einsum_input_rows(self.layer, rows)
-            rows = tf.reshape(rows, [tf.shape(rows)[0], -1, self.in_features])
-        ones = tf.ones_like(rows[..., :1])
-        if self.kernel is None:
-            rows = rows[..., :0]
-        if self.bias is not None:
-            rows = tf.concat([rows, ones], axis=-1)
-        return rows
-
-    def output_rows(self, outputs):
-        """`g` rows `[N, T, d_g]` from a pre-activation output (or its gradient) of the same shape."""
-        outputs = tf.convert_to_tensor(outputs)
-        if self.kind == "conv" and _channels_first(self.layer):
-            outputs = tf.transpose(outputs, [0] + list(range(2, outputs.shape.rank)) + [1])
-        return tf.reshape(outputs, [tf.shape(outputs)[0], -1, self.out_features])
-
-    def weight_gradients(self, a, g):
-        """`Σ_n Σ_t a gᵀ` split back into variable-shaped gradients (kernel, bias), for checks."""
-        a = tf.cast(a, g.dtype) if not self.diagonal_inputs else tf.one_hot(a, self.in_features, dtype=g.dtype)
-        matrix = tf.einsum("ntk,ntl->kl", a, g)
-        grads = []
-        if self.kernel is not None:
-            grads.append(tf.reshape(matrix[: self.in_features], self.kernel.shape))
-        if self.bias is not None:
-            grads.append(tf.reshape(matrix[-1], self.bias.shape))
-        return grads
+CONVOLUTIONS = ("Conv1D", "Conv2D", "Conv3D", "DepthwiseConv1D", "DepthwiseConv2D")
+TRANSPOSED = ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose")
+ELEMENTWISE = {"LayerNormalization": ("gamma", "beta"), "BatchNormalization": ("gamma", "beta"),
+               "GroupNormalization": ("gamma", "beta"), "RMSNormalization": ("scale",), "PReLU": ("alpha",)}
+SUPPORTED_LAYERS = ("Dense", "EinsumDense", "Embedding", *CONVOLUTIONS, "SeparableConv2D", *TRANSPOSED,
+                    *ELEMENTWISE)
 
 
 def find_blocks(model, variables):
     """The `LayerBlock`s holding the selected variables, in model order.
 
     Args:
-      model: a Keras model (Sequential, Functional, subclassed; nested models are searched).
+      model: a Keras model (Sequential, Functional, subclassed; nested models and layers that own
+        sublayers, such as MultiHeadAttention, are searched down to the layers owning the weights).
       variables: the selected variables (e.g. from `tfi.select_variables`).
 
     Returns:
-      A list of `LayerBlock`, one per layer holding selected variables.
+      A list of `LayerBlock` (a transposed convolution gives two: its kernel and its bias; a
+      separable convolution two: its depthwise and pointwise kernels).
 
     Raises:
       UnsupportedLayerError: when a selected variable belongs to a layer that cannot be factored
-        (its type is not one of Dense, EinsumDense reducing to a matmul, Conv1D, Conv2D,
-        Embedding; or it uses LoRA, grouped convolutions, quantisation), listing every such layer.
+        (not one of `SUPPORTED_LAYERS`, or LoRA, quantisation, causal 2-D padding, output_padding,
+        dilated 3-D windows, an EinsumDense that is not a matmul), naming every such layer and the
+        alternatives.
 
     Example:
       >>> blocks = find_blocks(model, select_variables(model))
-      >>> [b.name for b in blocks]
-      ['dense', 'dense_1']
+      >>> [(b.name, b.kind) for b in blocks]
+      [('dense', 'dense'), ('layer_normalization', 'elementwise'), ('dense_1', 'dense')]
     """
     selected = {id(v) for v in variables}
-    blocks, problems, covered = [], [], set()
-    for layer in leaf_layers(model):
-        mine = [v for v in layer.trainable_weights if id(v) in selected and id(v) not in covered]
+    blocks, problems, covered, refused = [], [], set(), []
+    parents = {id(child): layer for layer in walk_layers(model, include_root=True) for child in sublayers(layer)}
+    for layer in walk_layers(model):
+        mine = [v for v in own_weights(layer) if id(v) in selected and id(v) not in covered]
         if not mine:
             continue
         covered.update(id(v) for v in mine)
-        reason = _unsupported_reason(layer, mine)
-        if reason:
-            problems.append(f"{layer.name!r} ({type(layer).__name__}: {reason})")
-            continue
-        blocks.append(_make_block(layer, mine))
+        try:
+            blocks.extend(_layer_blocks(layer, mine))
+        except _Unsupported as reason:
+            owner = _outermost(layer, parents, model)
+            problems.append(f"{owner.name!r} ({type(owner).__name__}: {reason})" if owner is layer else
+                            f"{owner.name!r} ({type(owner).__name__}, in its sublayer {layer.name!r} "
+                            f"({type(layer).__name__}): {reason})")
+            refused.append(owner.name)
     missing = [getattr(v, "path", v.name) for v in variables if id(v) not in covered]
     if missing:
         problems.append(f"variables not owned by any layer: {missing}")
     if problems:
+        supported = sorted({b.name for b in blocks} - set(refused))
+        hint = f" (here variables={supported})" if supported else ""
         raise UnsupportedLayerError(
-            "KFAC/EKFAC needs every selected variable to sit in a Dense, EinsumDense (matmul form), "
-            f"Conv1D, Conv2D or Embedding layer. Unsupported: {'; '.join(problems)}. Fix: select "
-            "only supported layers (e.g. variables=[...] naming them), or use another method "
-            "(method='cg' or 'direct')."
-        )
+            f"KFAC/EKFAC cannot factor the selected weights of: {'; '.join(problems)}. Supported layers: "
+            f"{', '.join(SUPPORTED_LAYERS)} (and composites of them, e.g. MultiHeadAttention). Fixes: an exact "
+            "method, method='direct' (up to ~10k parameters) or method='cg' (with damping or "
+            "curvature='gauss_newton'), which take any layer; or select only supported layers"
+            f"{hint}.")
     return blocks
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _outermost(layer, parents, model):
+    """The outermost layer (below the model and nested models) that contains `layer`."""
+    owner = layer
+    while id(owner) in parents and parents[id(owner)] is not model and not is_nested_model(parents[id(owner)]):
+        owner = parents[id(owner)]
+    return owner
+
+
+def _layer_blocks(layer, mine):
+    kind = type(layer).__name__
+    if kind not in SUPPORTED_LAYERS:
+        raise _Unsupported(_why_not(layer))
+    if getattr(layer, "lora_enabled", False):
+        raise _Unsupported("LoRA is enabled")
+    if getattr(layer, "quantization_mode", None) or getattr(layer.dtype_policy, "quantization_mode", None):
+        raise _Unsupported("quantised")
+    ids = {id(v) for v in mine}
+    pick = lambda name: getattr(layer, name, None) if id(getattr(layer, name, None)) in ids else None  # noqa: E731
+    if kind in ELEMENTWISE:
+        return [_elementwise(layer, mine)]
+    known = ("kernel", "bias", "embeddings", "depthwise_kernel", "pointwise_kernel")
+    if any(all(v is not getattr(layer, name, None) for name in known) for v in mine):
+        raise _Unsupported("holds extra variables")
+    if kind == "Embedding":
+        vocab, dim = (int(d) for d in layer.embeddings.shape)
+        return [LayerBlock(layer, "embedding", pick("embeddings"), None, vocab, dim)]
+    if kind in ("Dense", "EinsumDense"):
+        shape = [int(d) for d in layer.kernel.shape]
+        if kind == "EinsumDense":
+            try:
+                d_in = _patches.einsum_in_features(layer)
+            except ValueError as e:
+                raise _Unsupported(str(e)) from None
+        else:
+            d_in = shape[0]
+        return [LayerBlock(layer, "dense", pick("kernel"), pick("bias"), d_in, int(np.prod(shape)) // d_in)]
+    if kind == "SeparableConv2D":
+        return _separable(layer, pick)
+    _check_window(layer)
+    shape = [int(d) for d in layer.kernel.shape]
+    if kind in TRANSPOSED:  # kernel [*k, c_out, c_in]; the bias is an exact elementwise block
+        blocks = []
+        if pick("kernel") is not None:
+            blocks.append(LayerBlock(layer, "transposed", layer.kernel, None, shape[-1], int(np.prod(shape[:-1]))))
+        if pick("bias") is not None:
+            blocks.append(_elementwise(layer, [layer.bias]))
+        return blocks
+    window = int(np.prod(shape[:-2]))
+    if kind.startswith("Depthwise"):  # kernel [*k, C, m]: one Kronecker per input channel
+        return [LayerBlock(layer, "conv", pick("kernel"), pick("bias"), window, shape[-1], groups=shape[-2])]
+    groups = getattr(layer, "groups", 1)
+    return [LayerBlock(layer, "conv", pick("kernel"), pick("bias"), window * shape[-2], shape[-1] // groups,
+                       groups=groups)]
+
+
+def _why_not(layer):
+    if hasattr(layer, "cell") or type(layer).__name__.endswith("Cell"):
+        return ("recurrent layer: its weights act through a nonlinear recurrence over time steps, which has no "
+                "Kronecker-factored form")
+    return "layer type not supported"
+
+
+def _check_window(layer):
+    kind = type(layer).__name__
+    if kind == "Conv2D" and layer.padding == "causal":
+        raise _Unsupported("causal padding")
+    if kind in TRANSPOSED and getattr(layer, "output_padding", None) is not None:
+        raise _Unsupported(f"output_padding={layer.output_padding}")
+    if kind.startswith("Conv3D") and any(r != 1 for r in layer.dilation_rate):
+        raise _Unsupported(f"dilated 3-D convolution (dilation_rate={layer.dilation_rate})")
+
+
+def _separable(layer, pick):
+    if _patches.channels_first(layer):
+        raise _Unsupported("data_format='channels_first'")
+    depthwise = [int(d) for d in layer.depthwise_kernel.shape]  # [*k, C, m]
+    pointwise = [int(d) for d in layer.pointwise_kernel.shape]  # [1, 1, C·m, F]
+    blocks = []
+    if pick("depthwise_kernel") is not None:
+        blocks.append(LayerBlock(layer, "conv", layer.depthwise_kernel, None, int(np.prod(depthwise[:-2])),
+                                 depthwise[-1], groups=depthwise[-2], role="depthwise"))
+    if pick("pointwise_kernel") is not None or pick("bias") is not None:
+        blocks.append(LayerBlock(layer, "dense", pick("pointwise_kernel"), pick("bias"), pointwise[-2], pointwise[-1],
+                                 role="pointwise"))
+    return blocks
+
+
+def _elementwise(layer, params):
+    size = sum(int(np.prod(v.shape)) for v in params)
+    diagonal = size > DENSE_LIMIT
+    d_a, d_g = (size, 1) if diagonal else (1, size)
+    return LayerBlock(layer, "elementwise", None, None, d_a, d_g, params=tuple(params), diagonal=diagonal)
 
 
 @contextlib.contextmanager
@@ -164,21 +194,24 @@ def capture(blocks, *, tape=None):
 
     Yields:
       A `Recording`: `recording.inputs[i]` and `recording.preactivations[i]` list, per call of
-      block i's layer, its input and pre-activation output.
+      block i's layer, its input (for elementwise blocks: the parameters' features) and its
+      pre-activation output.
 
     Example:
       >>> with tf.GradientTape() as tape, capture(blocks, tape=tape) as rec:
       ...     loss = tf.reduce_sum(objective.per_example_loss(y, model(x)))
-      >>> g = tape.gradient(loss, rec.preactivations[0][0])       # ∂ℓ/∂z of the first layer
+      >>> g = tape.gradient(loss, rec.preactivations[0][0])       # ∂ℓ/∂z of the first block
     """
     recording = Recording(len(blocks))
+    by_layer = {}
+    for index, block in enumerate(blocks):
+        by_layer.setdefault(id(block.layer), (block.layer, []))[1].append((index, block))
     saved = []
     try:
-        for index, block in enumerate(blocks):
-            layer = block.layer
+        for layer, entries in by_layer.values():
             saved.append((layer, "call" in layer.__dict__, layer.__dict__.get("call"),
                           getattr(layer, "activation", None), layer.trainable))
-            object.__setattr__(layer, "call", _recording_call(layer, layer.call, recording, index, tape))
+            object.__setattr__(layer, "call", _recording_call(layer, layer.call, entries, recording, tape))
         yield recording
     finally:
         for layer, had_own_call, own_call, activation, trainable in reversed(saved):
@@ -211,113 +244,45 @@ class Recording:
             )
 
 
-def _recording_call(layer, original, recording, index, tape):
+def _recording_call(layer, original, entries, recording, tape):
     activation = getattr(layer, "activation", None)
+    watch = tape.watch if tape is not None else (lambda t: None)
 
     def call(inputs, *args, **kwargs):
-        if activation is not None:
-            object.__setattr__(layer, "activation", None)
-        try:
-            z = original(inputs, *args, **kwargs)
-        finally:
+        def linear(x):  # the layer without its activation
             if activation is not None:
-                object.__setattr__(layer, "activation", activation)
-        if tape is not None:
-            tape.watch(z)
-        recording.inputs[index].append(inputs)
-        recording.preactivations[index].append(z)
+                object.__setattr__(layer, "activation", None)
+            try:
+                return original(x, *args, **kwargs)
+            finally:
+                if activation is not None:
+                    object.__setattr__(layer, "activation", activation)
+
+        if any(block.role != "call" for _, block in entries):
+            u, z = _separable_parts(layer, inputs, watch)
+            tensors = {"depthwise": (inputs, u), "pointwise": (u, z)}
+        else:
+            z = linear(inputs)
+            tensors = {"call": (inputs, z)}
+        watch(z)
+        for index, block in entries:
+            x_in, preactivation = tensors[block.role]
+            if block.kind == "elementwise":
+                x_in = block.features(linear, inputs)
+            recording.inputs[index].append(x_in)
+            recording.preactivations[index].append(preactivation)
         return activation(z) if activation is not None else z
 
     return call
 
 
-def _unsupported_reason(layer, mine):
-    kind = type(layer).__name__
-    if kind not in SUPPORTED_LAYERS:
-        return "layer type not supported"
-    if getattr(layer, "lora_enabled", False):
-        return "LoRA is enabled"
-    if getattr(layer, "quantization_mode", None) or getattr(layer.dtype_policy, "quantization_mode", None):
-        return "quantised"
-    if any(v is not getattr(layer, "kernel", None) and v is not getattr(layer, "bias", None)
-           and v is not getattr(layer, "embeddings", None) for v in mine):
-        return "holds extra variables"
-    if kind in ("Conv1D", "Conv2D"):
-        if getattr(layer, "groups", 1) != 1:
-            return f"grouped convolution (groups={layer.groups})"
-        if kind == "Conv2D" and layer.padding == "causal":
-            return "causal padding"
-    if kind == "EinsumDense":
-        try:
-            _einsum_split(layer)
-        except ValueError as e:
-            return str(e)
-    return None
-
-
-def _make_block(layer, mine):
-    kind = type(layer).__name__
-    ids = {id(v) for v in mine}
-    pick = lambda v: v if v is not None and id(v) in ids else None  # noqa: E731
-    if kind == "Embedding":
-        vocab, dim = (int(d) for d in layer.embeddings.shape)
-        return LayerBlock(layer, "embedding", pick(layer.embeddings), None, vocab, dim)
-    kernel_shape = [int(d) for d in layer.kernel.shape]
-    if kind == "EinsumDense":
-        contracted, _ = _einsum_split(layer)
-        d_in = int(np.prod(kernel_shape[: len(contracted)]))
-    else:
-        d_in = int(np.prod(kernel_shape[:-1]))  # Dense [in, out]; Conv [*k, c_in, out]
-    d_out = int(np.prod(kernel_shape)) // d_in
-    block_kind = "conv" if kind.startswith("Conv") else "dense"
-    return LayerBlock(layer, block_kind, pick(layer.kernel), pick(getattr(layer, "bias", None)), d_in, d_out)
-
-
-def _channels_first(layer):
-    return getattr(layer, "data_format", "channels_last") == "channels_first"
-
-
-def _conv_patches(layer, inputs):
-    """Input patches `[N, positions, k·c_in]`, ordered like the kernel reshaped to `[k·c_in, c_out]`."""
+def _separable_parts(layer, inputs, watch):
+    """SeparableConv2D (channels last) as depthwise then pointwise: `(u, z)` before the activation."""
     x = tf.convert_to_tensor(inputs)
-    if _channels_first(layer):
-        x = tf.transpose(x, [0] + list(range(2, x.shape.rank)) + [1])
-    kernel, strides, rates = list(layer.kernel_size), list(layer.strides), list(layer.dilation_rate)
-    padding = layer.padding.upper()
-    if len(kernel) == 1:  # Conv1D as a Conv2D of height 1
-        if padding == "CAUSAL":
-            x = tf.pad(x, [[0, 0], [(kernel[0] - 1) * rates[0], 0], [0, 0]])
-            padding = "VALID"
-        x = x[:, tf.newaxis]
-        kernel, strides, rates = [1] + kernel, [1] + strides, [1] + rates
-    patches = tf.image.extract_patches(
-        x, sizes=[1, *kernel, 1], strides=[1, *strides, 1], rates=[1, *rates, 1], padding=padding)
-    return tf.reshape(patches, [tf.shape(patches)[0], -1, patches.shape[-1]])
-
-
-def _einsum_split(layer):
-    """`(contracted, kept)` letters when `layer.equation` is `<lead><c>,<c><o>-><lead><o>`."""
-    equation = layer.equation.replace("...", "0")
-    try:
-        inputs, output = equation.split("->")
-        x_spec, k_spec = inputs.split(",")
-    except ValueError:
-        raise ValueError(f"equation {layer.equation!r} not understood") from None
-    n_contracted = len(set(x_spec) & set(k_spec))
-    contracted, kept = k_spec[:n_contracted], k_spec[n_contracted:]
-    lead = x_spec[: len(x_spec) - n_contracted]
-    if (not contracted or not lead or x_spec[len(lead):] != contracted or output != lead + kept
-            or set(kept) & set(lead)):
-        raise ValueError(f"equation {layer.equation!r} is not a matmul over the trailing input axes")
-    bias = getattr(layer, "bias", None)
-    if bias is not None:
-        kernel_out = [int(d) for d in layer.kernel.shape[n_contracted:]]
-        if int(np.prod(bias.shape)) != int(np.prod(kernel_out)):
-            raise ValueError(f"bias over only some output axes (bias_axes={layer.bias_axes!r})")
-    return contracted, kept
-
-
-def _einsum_input_rows(layer, x):
-    contracted, _ = _einsum_split(layer)
-    d_in = int(np.prod([int(d) for d in layer.kernel.shape[: len(contracted)]]))
-    return tf.reshape(x, [tf.shape(x)[0], -1, d_in])
+    u = tf.nn.depthwise_conv2d(x, tf.convert_to_tensor(layer.depthwise_kernel), strides=[1, *layer.strides, 1],
+                               padding=layer.padding.upper(), dilations=layer.dilation_rate)
+    watch(u)
+    z = tf.nn.conv2d(u, tf.convert_to_tensor(layer.pointwise_kernel), strides=1, padding="VALID")
+    if layer.bias is not None:
+        z = z + tf.convert_to_tensor(layer.bias)
+    return u, z

@@ -14,7 +14,8 @@ semi-definite whenever the output Hessians are (it is a principal submatrix of `
 
 Layers applied at T > 1 positions (Conv2D, Dense on sequences) use KFAC's "reduce" rows (`a`
 averaged and `g` summed over positions): the one form in which layers with different numbers of
-positions pair up. Embedding layers are not supported.
+positions pair up. Embedding, grouped-convolution and elementwise (normalisation) blocks are not
+supported.
 """
 
 import dataclasses
@@ -79,10 +80,12 @@ def fit_cross_factors(problem, *, fisher="auto", num_samples=1, seed=0):
                          "Received a problem with a strategy; use method='kfac' there.")
     objective, dataset = problem.objective, problem.dataset
     blocks = find_blocks(problem.model, problem.variables)
-    embedded = [b.name for b in blocks if b.diagonal_inputs]
-    if embedded:
-        raise UnsupportedLayerError(f"Block-tridiagonal KFAC supports dense layer inputs only; received the "
-                                    f"Embedding layers {embedded}. Use method='kfac' or 'ekfac' for them.")
+    other = [f"{b.name} ({b.kind}{f', {b.groups} groups' if b.groups > 1 else ''})" for b in blocks
+             if b.kind not in ("dense", "conv", "transposed") or b.groups > 1]
+    if other:
+        raise UnsupportedLayerError(f"Block-tridiagonal KFAC supports Dense and ungrouped convolution layers only; "
+                                    f"received {other}. Use method='kfac' or 'ekfac' for them, or select only the "
+                                    "supported layers' variables.")
     outputs = objective.outputs(first_batch(dataset, "data")[0])
     _targets.check_outputs(objective, outputs, fisher)
     fisher = _targets.resolve_fisher(objective, outputs, fisher)

@@ -33,6 +33,7 @@ import tensorflow as tf
 from tf_influence import arguments
 from tf_influence.data import first_batch
 from tf_influence.errors import InputError
+from tf_influence.normalization import exact_second_derivatives
 from tf_influence.params import densify
 
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -147,7 +148,10 @@ def dense_curvature(objective, tf_vars, variables, space, dataset, *, curvature=
     damping = arguments.nonnegative_float(damping, "damping")
     arguments.one_of(curvature, "curvature", ("hessian", "gauss_newton"))
     if curvature == "hessian":
-        result = _hessian_array(objective, tf_vars, space, dataset, chunk_size, memory_budget, dtype)
+        # Traced inside the patch, as curvature/products.py does: TensorFlow's own second derivatives
+        # through LayerNormalization, GroupNormalization and training-mode BatchNormalization are wrong.
+        with exact_second_derivatives(objective.model):
+            result = _hessian_array(objective, tf_vars, space, dataset, chunk_size, memory_budget, dtype)
     else:
         result = _gauss_newton_array(objective, tf_vars, space, dataset, gemm, memory_budget, dtype)
     if objective.has_weight_regularizers:  # ∇²Ω by pfor; without them ∇²Ω = l2·I exactly

@@ -19,11 +19,14 @@ weights and `W = Σ w_i` (the normalisation of `HessianOperator`'s mean objectiv
 It is exact where the positions are averaged before a loss with constant output Hessian (a linear
 convolution, global average pooling, MSE) and can be the better basis when pooling follows a
 convolution (tests/test_ekfac.py: Pearson with the direct solve 0.902 vs 0.849 on a pooled CNN).
-Embedding layers always use "expand" (their A stays diagonal). `g` comes from the
-output-space targets of `targets.py`: the exact output Hessian (GGN; the default for outputs of up
-to 32 entries per example), sampled labels (true Fisher), or true labels (empirical Fisher); the
-rows of all targets come from one batched back-propagation (`layer_rows.py`). With a single
-example and T = 1, KFAC is exactly the layer's block of that curvature.
+Embedding layers always use "expand" (their A stays diagonal). Grouped blocks (depthwise and
+grouped convolutions) have one such factorisation per group; elementwise blocks (normalisation
+scale and offset, PReLU alpha, transposed-convolution biases) have their exact block instead (see
+`statistics.py` and `blocks.py`). `g` comes from the output-space targets of `targets.py`: the
+exact output Hessian (GGN; the default for outputs of up to 32 entries per example), sampled labels
+(true Fisher), or true labels (empirical Fisher); the rows of all targets come from one batched
+back-propagation (`layer_rows.py`). With a single example and T = 1, KFAC is exactly the layer's
+block of that curvature.
 
 Memory: per layer `d_a² + d_g² + d_a·d_g`; the EKFAC pass of a layer with T > 1 positions holds
 `N·d_a·d_g` numbers per batch of N examples (choose the batch size accordingly).
@@ -37,6 +40,7 @@ import tensorflow as tf
 
 from tf_influence import arguments
 from tf_influence import distribute as _distribute
+from tf_influence.curvature import statistics as _statistics
 from tf_influence.curvature import targets as _targets
 from tf_influence.curvature.capture import find_blocks
 from tf_influence.curvature.layer_rows import layer_rows
@@ -85,10 +89,11 @@ class FactorSettings:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LayerFactors:
-    """Eigendecomposed factors of one layer (tensors of the settings' dtype).
+    """Eigendecomposed factors of one block (tensors of the settings' dtype; grouped blocks have a
+    leading group axis G on every tensor).
 
     Attributes:
-      q_a: eigenvectors of A `[d_a, d_a]`, or None for the identity (Embedding: A is diagonal).
+      q_a: eigenvectors of A `[d_a, d_a]`, or None for the identity (Embedding, diagonal blocks).
       eig_a: eigenvalues of A `[d_a]`.
       q_s: eigenvectors of S `[d_g, d_g]`.
       eig_s: eigenvalues of S `[d_g]`.
@@ -107,7 +112,7 @@ class LayerFactors:
             if self.corrected is None:
                 raise InputError("These factors were fitted with method='kfac'; refit with method='ekfac'.")
             return self.corrected
-        return self.eig_a[:, tf.newaxis] * self.eig_s[tf.newaxis, :]
+        return self.eig_a[..., :, tf.newaxis] * self.eig_s[..., tf.newaxis, :]
 
 
 class Factors:
@@ -118,7 +123,7 @@ class Factors:
 
     Attributes:
       settings: the `FactorSettings`.
-      blocks: the `LayerBlock`s (one per layer), in model order.
+      blocks: the `LayerBlock`s, in model order (see `blocks.py`; `describe()` lists them).
       layers: the `LayerFactors`, one per block.
       variables: the selected variables; `space`: their `ParameterSpace`.
       model: the model; `objective`: the `Objective` they were fitted with (None after `load`).
@@ -156,6 +161,21 @@ class Factors:
     def eigenvalues(self):
         """Per layer, the `[d_a, d_g]` curvature eigenvalues (Λ* for EKFAC, λ_A ⊗ λ_S for KFAC)."""
         return [layer.eigenvalues(self.method) for layer in self.layers]
+
+    def describe(self):
+        """One line per block: its layer, kind and how its curvature block is represented."""
+        lines = []
+        for block in self.blocks:
+            if block.kind == "elementwise":
+                size = block.a_size * block.out_features
+                form = f"exact {'diagonal' if block.diagonal else 'dense'} block of {size} parameters"
+            else:
+                groups = f"{block.groups} groups of " if block.groups > 1 else ""
+                a = f"diagonal [{block.a_size}]" if block.diagonal_inputs else f"[{block.a_size}x{block.a_size}]"
+                form = f"{groups}Kronecker {a} ⊗ [{block.out_features}x{block.out_features}]"
+            names = ", ".join(getattr(v, "name", "?") for v in block.variables)
+            lines.append(f"{block.name} ({type(block.layer).__name__}: {names}): {block.kind}, {form}")
+        return lines
 
     def __repr__(self):
         names = [b.name for b in self.blocks]
@@ -208,7 +228,8 @@ def fit_factors(problem, *, settings=None, **options):
         raise InputError("data has zero total sample weight; the mean objective is undefined.")
     layers = []
     for block, (a_sum, s_sum) in zip(blocks, sums):
-        layers.append(_eigendecompose(block, a_sum / total_weight, s_sum / total_weight))
+        q_a, eig_a, q_s, eig_s = _statistics.eigendecompose(block, a_sum / total_weight, s_sum / total_weight)
+        layers.append(LayerFactors(q_a=q_a, eig_a=eig_a, q_s=q_s, eig_s=eig_s))
     if settings.method == "ekfac":
         corrected = fitter.second_pass(dataset, layers)
         layers = [dataclasses.replace(layer, corrected=tf.maximum(c / total_weight, 0.0))
@@ -269,69 +290,14 @@ class _Fitter:
 
     def _pass1_fn(self, x, y, w, step):
         w = tf.cast(w, self.dtype)
-        sums = []
-        for block, (a, gs) in zip(self.blocks, self.rows(x, y, step)):
-            positions = tf.cast(tf.shape(a)[1], self.dtype)
-            if block.diagonal_inputs:
-                counts = tf.math.unsorted_segment_sum(
-                    tf.reshape(tf.tile(w[:, tf.newaxis], [1, tf.shape(a)[1]]), [-1]),
-                    tf.reshape(a, [-1]), block.in_features)
-                a_sum = counts / positions
-            elif self.settings.weight_sharing == "reduce":
-                a = tf.reduce_mean(a, axis=1, keepdims=True)
-                gs = [(tf.reduce_sum(g, axis=1, keepdims=True), c) for g, c in gs]
-                a_sum = tf.einsum("n,ntk,ntl->kl", w, a, a)
-            else:
-                a_sum = tf.einsum("n,ntk,ntl->kl", w, a, a) / positions
-            s_sum = tf.add_n([tf.einsum("n,ntk,ntl->kl", w * c, g, g) for g, c in gs])
-            sums.append((a_sum, s_sum))
+        sums = [_statistics.factor_sums(block, a, gs, w, weight_sharing=self.settings.weight_sharing)
+                for block, (a, gs) in zip(self.blocks, self.rows(x, y, step))]
         return sums, tf.reduce_sum(w)
 
     def _pass2_fn(self, x, y, w, step, bases):
         w = tf.cast(w, self.dtype)
-        sums = []
-        for block, (a, gs), (q_a, q_s) in zip(self.blocks, self.rows(x, y, step), bases):
-            projected = [(tf.einsum("ntl,lm->ntm", g, q_s), c) for g, c in gs]
-            sums.append(_corrected_sum(block, a, q_a, projected, w))
-        return sums
-
-
-def _corrected_sum(block, a, q_a, projected, w):
-    """`Σ_i w_i Σ_s c_s (Q_Aᵀ G_is Q_S)²` for one batch, without per-example matrices when T = 1."""
-    single_position = a.shape[1] == 1
-    if block.diagonal_inputs:
-        ids = a
-        if single_position:
-            values = tf.add_n([(w * c)[:, tf.newaxis] * tf.square(g[:, 0]) for g, c in projected])
-            return tf.math.unsorted_segment_sum(values, ids[:, 0], block.in_features)
-        n, positions = tf.shape(ids)[0], tf.shape(ids)[1]
-        segments = tf.reshape(tf.range(n)[:, tf.newaxis] * block.in_features + ids, [-1])
-        total = 0.0
-        for g, c in projected:
-            per_example = tf.math.unsorted_segment_sum(
-                tf.reshape(g, [n * positions, -1]), segments, n * block.in_features)
-            per_example = tf.reshape(per_example, [n, block.in_features, -1])
-            total += tf.einsum("n,nkl->kl", w * c, tf.square(per_example))
-        return total
-    a_hat = tf.einsum("ntk,km->ntm", a, q_a)
-    if single_position:
-        g_squared = tf.add_n([c[:, tf.newaxis] * tf.square(g[:, 0]) for g, c in projected])
-        return tf.einsum("nk,nl->kl", w[:, tf.newaxis] * tf.square(a_hat[:, 0]), g_squared)
-    total = 0.0
-    for g, c in projected:
-        per_example = tf.einsum("ntk,ntl->nkl", a_hat, g)
-        total += tf.einsum("n,nkl->kl", w * c, tf.square(per_example))
-    return total
-
-
-def _eigendecompose(block, a, s):
-    if block.diagonal_inputs:
-        q_a, eig_a = None, tf.maximum(a, 0.0)
-    else:
-        eig_a, q_a = tf.linalg.eigh(0.5 * (a + tf.transpose(a)))
-        eig_a = tf.maximum(eig_a, 0.0)
-    eig_s, q_s = tf.linalg.eigh(0.5 * (s + tf.transpose(s)))
-    return LayerFactors(q_a=q_a, eig_a=eig_a, q_s=q_s, eig_s=tf.maximum(eig_s, 0.0))
+        return [_statistics.corrected_sum(block, a, q_a, q_s, gs, w)
+                for block, (a, gs), (q_a, q_s) in zip(self.blocks, self.rows(x, y, step), bases)]
 
 
 def _check_finite(sums, which):

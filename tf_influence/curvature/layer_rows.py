@@ -78,21 +78,25 @@ def layer_rows(objective, blocks, x, y, *, fisher, num_samples=1, seed=(0, 0), d
     del tape
     result, offset = [], 0
     for index, block in enumerate(blocks):
-        calls = len(recording.inputs[index])
-        a = tf.concat([block.input_rows(_first_copy(x_in, num_targets)) for x_in in recording.inputs[index]],
-                      axis=1)
-        if not block.diagonal_inputs:
-            a = tf.cast(a, dtype)
-        g = tf.concat([block.output_rows(t) for t in grads[offset:offset + calls]], axis=1)
-        g = tf.cast(g, dtype)
-        if num_targets > 1:
-            g = tf.reshape(g, tf.concat([[num_targets, tf.shape(g)[0] // num_targets], tf.shape(g)[1:]], 0))
-            gs = [(g[s], tf.cast(c, dtype)) for s, c in enumerate(weights)]
+        inputs = [_first_copy(x_in, num_targets) for x_in in recording.inputs[index]]
+        block_grads = [_per_target(t, num_targets) for t in grads[offset:offset + len(inputs)]]
+        if block.kind == "elementwise":  # exact per-example gradients [N, 1, p], summed over the calls; a = 1
+            gs = [tf.add_n([block.output_rows(t[s], x_in) for t, x_in in zip(block_grads, inputs)])
+                  for s in range(num_targets)]
+            a = tf.ones_like(gs[0][..., :1])
         else:
-            gs = [(g, tf.cast(weights[0], dtype))]
-        result.append((a, gs))
-        offset += calls
+            a = tf.concat([block.input_rows(x_in) for x_in in inputs], axis=1)
+            if block.kind != "embedding":
+                a = tf.cast(a, dtype)
+            gs = [tf.concat([block.output_rows(t[s]) for t in block_grads], axis=1) for s in range(num_targets)]
+        result.append((a, [(tf.cast(g, dtype), tf.cast(c, dtype)) for g, c in zip(gs, weights)]))
+        offset += len(inputs)
     return result
+
+
+def _per_target(t, copies):
+    """Gradients of the tiled batch split into the `copies` targets: `[copies, N, ...]`."""
+    return tf.reshape(t, tf.concat([[copies, tf.shape(t)[0] // copies], tf.shape(t)[1:]], 0))
 
 
 def _first_copy(tensors, copies):
@@ -101,6 +105,8 @@ def _first_copy(tensors, copies):
         return tensors
 
     def first(t):
+        if t is None:  # elementwise blocks may record no input
+            return None
         t = tf.convert_to_tensor(t)
         return t[: tf.shape(t)[0] // copies]
 

@@ -158,8 +158,13 @@ def _name(variable):
 
 def _layer_record(block):
     return dict(name=block.name, kind=block.kind, in_features=block.in_features,
-                out_features=block.out_features, kernel=block.kernel is not None, bias=block.bias is not None)
+                out_features=block.out_features, kernel=block.kernel is not None, bias=block.bias is not None,
+                groups=block.groups, diagonal=block.diagonal, role=block.role,
+                params=[_name(v) for v in block.params])
 
 
 def _structure(record):
-    return tuple(record[k] for k in ("kind", "in_features", "out_features", "kernel", "bias"))
+    defaults = dict(groups=1, diagonal=False, role="call", params=[])
+    return tuple(str(record.get(k, defaults.get(k))) for k in
+                 ("kind", "in_features", "out_features", "kernel", "bias", "groups", "diagonal", "role")) + (
+        len(record.get("params", [])),)

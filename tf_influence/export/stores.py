@@ -91,7 +91,7 @@ def _factor_arrays(influence):
     if [id(v) for v in factors.variables] != [id(v) for v in influence.problem.variables]:
         raise InputError("The EKFAC factors were fitted for other variables than the Influence's; refit them.")
     layouts = inverse.layouts
-    covered = {i for layout in layouts for i in (layout.kernel, layout.bias) if i is not None}
+    covered = {i for layout in layouts for i in (layout.kernel, layout.bias, *layout.parts) if i is not None}
     if covered != set(range(len(factors.variables))):
         raise InputError("The EKFAC factors do not cover every selected variable; use store='inverse'.")
     return [{"q_a": None if layer.q_a is None else layer.q_a.numpy(), "q_s": layer.q_s.numpy(),

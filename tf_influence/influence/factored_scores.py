@@ -15,6 +15,7 @@ import tensorflow as tf
 from tf_influence.curvature.layer_rows import layer_rows
 from tf_influence.data import as_dataset
 from tf_influence.errors import InputError
+from tf_influence.layers import batch_coupled_layers
 
 DEFAULT_TEST_CHUNK = 128
 
@@ -45,6 +46,13 @@ def ekfac_scores(operator, test_gradients, train, *, objective=None, batch_size=
         raise InputError(
             "ekfac_scores needs the loss: pass objective=tfi.Objective(model, loss) (loaded factors "
             "carry no objective).")
+    coupled = [layer.name for layer in batch_coupled_layers(factors.model, training=objective.training)]
+    if coupled:
+        raise InputError(
+            f"ekfac_scores needs each training example's gradient as Σ_t a_t g_tᵀ of its own captured rows, but in "
+            f"training mode the batch statistics of {coupled} couple the examples of a batch. Use "
+            "tfi.Influence(..., method='ekfac').scores(test) (per-example gradients by forward-mode passes), or an "
+            "objective with training=False.")
     rows = tf.convert_to_tensor(test_gradients)
     if rows.shape.rank == 1:
         rows = rows[tf.newaxis]
@@ -75,7 +83,11 @@ def _batch_scores(blocks, captured, directions):
     """`[k, N]` scores of one training batch against k preconditioned test directions."""
     total = 0.0
     for block, (a, g), p in zip(blocks, captured, directions):
-        if block.diagonal_inputs:
+        if block.kind == "elementwise":  # g holds the exact per-example gradients [N, 1, p]
+            total += tf.einsum("jp,np->jn", tf.reshape(p, [tf.shape(p)[0], -1]), g[:, 0])
+        elif block.groups > 1:
+            total += tf.einsum("jgkl,ngkl->jn", p, tf.einsum("ntgk,ntgl->ngkl", a, g))
+        elif block.diagonal_inputs:
             total += tf.einsum("jntl,ntl->jn", tf.gather(p, a, axis=1), g)
         elif a.shape[1] == 1:
             a1, g1 = a[:, 0], g[:, 0]

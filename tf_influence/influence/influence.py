@@ -22,6 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_influence import arguments
 from tf_influence.data import Fingerprint, first_batch
 from tf_influence.errors import InputError, NotFiniteError
 from tf_influence.influence import group as _group
@@ -69,6 +70,9 @@ class Influence:
         (single device outside every scope). Results equal the single-device ones.
       jit_compile: compile each batch's curvature product with XLA (see `HessianOperator`);
         on CPU this roughly halves the product time of CNNs with max pooling.
+      on_unsafe_layers: `"raise"` (default), `"warn"` or `"ignore"` when a layer whose second
+        derivatives stay wrong (`tf_influence.normalization.inexact_layers`) lies on the selected
+        path of exact Hessian products (see `HessianOperator`).
       loss_weights: for per-output losses of a multi-output model (`loss` a dict or list), their
         weights as in `model.compile(loss_weights=...)`.
       measurement: what is attributed on the test side: None (the loss), "margin", "logit",
@@ -92,15 +96,16 @@ class Influence:
 
     def __init__(self, model, loss, train, *, variables=None, method="auto", damping=None, l2=0.0,
                  curvature="hessian", batch_size=None, mode="forward_over_back", training=False,
-                 progress=True, strategy=None, jit_compile=False, loss_weights=None, measurement=None,
-                 **method_options):
+                 progress=True, strategy=None, jit_compile=False, on_unsafe_layers="raise", loss_weights=None,
+                 measurement=None, **method_options):
+        arguments.one_of(on_unsafe_layers, "on_unsafe_layers", ("raise", "warn", "ignore"))
         self.solver = make_solver(method, **method_options)
         if dataclasses.is_dataclass(self.solver) and getattr(self.solver, "progress", False) is None:
             self.solver = dataclasses.replace(self.solver, progress=bool(progress))  # the method's own not set
         self.problem = Problem(model, loss, train, variables, l2=l2, training=training, batch_size=batch_size,
                                strategy=strategy, loss_weights=loss_weights, name="train")
         self.source = CurvatureSource(self.problem, damping=damping, curvature=curvature, mode=mode,
-                                      jit_compile=jit_compile)
+                                      jit_compile=jit_compile, on_unsafe_layers=on_unsafe_layers)
         self.model = model
         self.objective = self.problem.objective
         self.space = self.problem.space

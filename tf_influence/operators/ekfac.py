@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence.errors import InputError
-from tf_influence.linalg.kronecker import LayerLayout, eigenbasis_product, join_layers, split_layers
+from tf_influence.linalg.kronecker import eigenbasis_product, join_layers, split_layers
 from tf_influence.operators.rows import RowsOperator
 
 HEURISTIC = "heuristic"
@@ -50,9 +50,7 @@ class EKFACOperator(RowsOperator):
         self.factors = factors
         self.size = factors.space.size
         index = {id(v): i for i, v in enumerate(factors.variables)}
-        self.layouts = [LayerLayout(None if b.kernel is None else index[id(b.kernel)],
-                                    None if b.bias is None else index[id(b.bias)], b.in_features, b.out_features)
-                        for b in factors.blocks]
+        self.layouts = [block.layout(index) for block in factors.blocks]
         self.compute_dtype = tf.as_dtype(factors.settings.dtype)
         self.eigenvalues = [tf.cast(e, self.compute_dtype) for e in factors.eigenvalues()]
         self.dampings = _layer_dampings(damping, self.eigenvalues)

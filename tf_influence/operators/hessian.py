@@ -13,6 +13,7 @@ from tf_influence.curvature import dense as _dense
 from tf_influence.curvature import products as _products
 from tf_influence.data import batch_spec, first_batch
 from tf_influence.errors import InputError, NotFiniteError, ResourceError, SecondDerivativeError
+from tf_influence.layers import batch_coupled_layers, looping_recurrent_layers
 from tf_influence.operators.damping import DampingChoice, lanczos_damping
 from tf_influence.operators.minibatch import MinibatchCurvature
 from tf_influence.operators.rows import RowsOperator
@@ -43,7 +44,8 @@ class HessianOperator(RowsOperator):
         `tf_influence.operators.damping`). `damping_choice` says what was chosen and why.
       l2: extra `(l2/2)·‖θ‖²` in the objective.
       curvature: `"hessian"` or `"gauss_newton"`.
-      mode: `"forward_over_back"` (default), `"back_over_back"` or `"finite_difference"`.
+      mode: `"forward_over_back"` (default; back-over-back for models with recurrent layers),
+        `"back_over_back"` or `"finite_difference"`.
       batch_size: batch size when `data` holds arrays.
       step: finite-difference step r (default `ε^(1/3)·(1 + ‖θ‖)/‖v‖`).
       training: the `training` flag the model is called with.
@@ -154,11 +156,20 @@ class HessianOperator(RowsOperator):
 
     @property
     def has_batch_products(self):
-        """False when products are finite differences, which move the variables over all the data."""
-        return not (self.mode == "finite_difference" and self.curvature == "hessian")
+        """True when every product is a sum of per-batch products (traceable, usable on minibatches).
+
+        False only for finite differences of a tf-keras model: they assign θ ± r·v to the variables
+        and run over all the data, eagerly. Keras 3 models are evaluated at θ ± r·v without
+        assigning (see `Objective.outputs`), batch by batch.
+        """
+        return not (self.mode == "finite_difference" and self.curvature == "hessian"
+                    and not self.problem.objective.can_substitute)
 
     def default_step(self):
-        """The finite-difference step for a unit vector, `ε^(1/3)·(1 + ‖θ‖)` (divided by ‖v‖ otherwise)."""
+        """The finite-difference step for a unit vector, `ε^(1/3)·(1 + ‖θ‖)` (divided by ‖v‖ otherwise).
+
+        Eager only (it returns a Python float); traced products compute the same step as tensors.
+        """
         theta = self.space.flatten([tf.convert_to_tensor(v) for v in self.problem.tf_variables])
         return np.finfo(self.space.dtype.as_numpy_dtype).eps ** (1 / 3) * (1 + float(tf.linalg.norm(theta)))
 
@@ -168,7 +179,10 @@ class HessianOperator(RowsOperator):
         Built by `curvature.dense.dense_curvature` in a few compiled passes over the data (the
         Hessian as pfor-vectorised rows of the batch gradient's Jacobian, the Gauss-Newton matrix
         from per-example output Jacobians), derivatives in the model's dtype and sums in `dtype`.
-        Finite-difference operators and distributed problems fall back to p operator products.
+        Finite-difference operators, distributed problems, models with looping recurrent layers
+        (whose while loops pfor cannot vectorise) and, for the Gauss-Newton matrix (built from
+        per-example Jacobians), models whose examples are coupled within a batch (training-mode
+        BatchNormalization) fall back to p operator products.
 
         Args:
           dtype: dtype of the accumulation and of the result (float64 for a factorisation).
@@ -190,7 +204,10 @@ class HessianOperator(RowsOperator):
                 f"GiB; the limit is p ≤ {MAX_DENSE_SIZE}. Select fewer variables or use an iterative method."
             )
         problem = self.problem
-        if self.has_batch_products and problem.strategy is None:
+        coupled = self.curvature == "gauss_newton" and batch_coupled_layers(problem.model,
+                                                                            training=problem.objective.training)
+        if (self.has_batch_products and problem.strategy is None and not looping_recurrent_layers(problem.model)
+                and not coupled):
             dense = _dense.dense_curvature(problem.objective, problem.tf_variables, problem.variables, self.space,
                                            problem.dataset, curvature=self.curvature, damping=self.damping,
                                            dtype=dtype, as_array=True)
@@ -215,6 +232,13 @@ class HessianOperator(RowsOperator):
 
     def _matmul_rows(self, rows):
         if not self.has_batch_products:
+            if not tf.executing_eagerly():
+                raise InputError(
+                    "mode='finite_difference' on a tf-keras model assigns θ ± r·v to the variables and runs "
+                    "only eagerly, not inside a compiled solver loop (method='cg', 'lissa'). Use "
+                    "method='direct' (or operator.matmul_rows / to_dense), a Keras 3 model (evaluated at "
+                    "θ ± r·v without assigning, in any solver), or mode='forward_over_back' (exact through "
+                    "normalisation layers except those tf_influence.normalization.inexact_layers lists).")
             result = self._finite_difference(rows)
         else:
             total, weight = self.data_pass(rows)
@@ -244,8 +268,9 @@ class HessianOperator(RowsOperator):
         """
         if not self.has_batch_products:
             raise InputError(
-                "minibatch products have no finite-difference form (it moves the variables over the whole "
-                "data set). Use mode='forward_over_back' or 'back_over_back' for minibatch products.")
+                "minibatch products of a tf-keras model have no finite-difference form (it assigns the "
+                "variables over the whole data set). Use mode='forward_over_back' or 'back_over_back' "
+                "for minibatch products, or a Keras 3 model.")
         return MinibatchCurvature(self.problem.dataset, self.batch_matmul_rows, num_examples=self.problem.num_examples,
                                   batch_size=batch_size, sampling=sampling, seed=seed)
 
@@ -258,8 +283,9 @@ class HessianOperator(RowsOperator):
         """
         if not self.has_batch_products:
             raise InputError(
-                "batch products have no finite-difference form (it moves the variables over the whole "
-                "data set). Use mode='forward_over_back' or 'back_over_back' for minibatch products.")
+                "batch products of a tf-keras model have no finite-difference form (it assigns the "
+                "variables over the whole data set). Use mode='forward_over_back' or 'back_over_back' "
+                "for minibatch products, or a Keras 3 model.")
         rows = tf.convert_to_tensor(rows, dtype=self.dtype)
         if self.problem.strategy is not None:
             total = _distribute.batch_sum(self.problem.strategy, self._shard_product, batch, rows)
@@ -309,7 +335,7 @@ class HessianOperator(RowsOperator):
     def _batch_product_fn(self, batch, tangents):
         products = _products.batch_curvature_product(
             self.problem.objective, self.problem.tf_variables, batch, tangents, mode=self.mode,
-            curvature=self.curvature)
+            curvature=self.curvature, variables=self.problem.variables, step=self.step)
         return self.space.flatten(products, batch_dims=1)
 
     def _distributed_data_pass_fn(self, rows):

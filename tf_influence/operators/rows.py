@@ -12,6 +12,7 @@ functions `matmul_rows(operator, rows)` and `solve_rows(...)` apply the same voc
 `tf.linalg.LinearOperator` (or a callable on rows), so solvers accept every kind of operator.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from tf_influence.errors import InputError
@@ -52,6 +53,29 @@ class RowsOperator(tf.linalg.LinearOperator):
         return rows
 
     # -- tf.linalg.LinearOperator interface ---------------------------------------------------
+
+    # NumPy arrays and lists are converted to the operator's dtype (a float64 NumPy vector for a
+    # float32 model); tensors keep tf.linalg's dtype check.
+    def matvec(self, x, adjoint=False, name="matvec"):
+        return super().matvec(self._converted(x), adjoint=adjoint, name=name)
+
+    def matmul(self, x, adjoint=False, adjoint_arg=False, name="matmul"):
+        if isinstance(x, tf.linalg.LinearOperator):
+            return super().matmul(x, adjoint=adjoint, adjoint_arg=adjoint_arg, name=name)
+        return super().matmul(self._converted(x), adjoint=adjoint, adjoint_arg=adjoint_arg, name=name)
+
+    def solvevec(self, rhs, adjoint=False, name="solve"):
+        return super().solvevec(self._converted(rhs), adjoint=adjoint, name=name)
+
+    def solve(self, rhs, adjoint=False, adjoint_arg=False, name="solve"):
+        if isinstance(rhs, tf.linalg.LinearOperator):
+            return super().solve(rhs, adjoint=adjoint, adjoint_arg=adjoint_arg, name=name)
+        return super().solve(self._converted(rhs), adjoint=adjoint, adjoint_arg=adjoint_arg, name=name)
+
+    def _converted(self, x):
+        if tf.is_tensor(x) or isinstance(x, tf.Variable):
+            return x
+        return tf.convert_to_tensor(np.asarray(x), dtype=self.dtype)
 
     def _shape(self):
         return tf.TensorShape([self.size, self.size])

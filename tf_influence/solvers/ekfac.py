@@ -162,7 +162,8 @@ class EKFAC(Method):
                 method=self.name, iterations=0, residual=residual, converged=True,
                 seconds=time.perf_counter() - start, residual_is_estimate=checked < int(rows.shape[0]),
                 extra=dict(damping=inverse.damping, fisher=factors.settings.fisher, fit_seconds=factors.seconds,
-                           layers=[block.name for block in factors.blocks], residual_rows=checked))
+                           layers=[block.name for block in factors.blocks], blocks=factors.describe(),
+                           residual_rows=checked))
             return (x[0] if single else x), info
 
         prepared = Prepared(self, inverse, solve)
