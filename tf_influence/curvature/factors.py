@@ -39,13 +39,12 @@ import time
 import tensorflow as tf
 
 from tf_influence import arguments
-from tf_influence import distribute as _distribute
 from tf_influence.curvature import statistics as _statistics
 from tf_influence.curvature import targets as _targets
 from tf_influence.curvature.capture import find_blocks
-from tf_influence.curvature.layer_rows import layer_rows
+from tf_influence.curvature.passes import fit_passes
 from tf_influence.data import first_batch
-from tf_influence.errors import InputError, NotFiniteError
+from tf_influence.errors import InputError
 from tf_influence.params import ParameterSpace
 
 _log = logging.getLogger(__name__)
@@ -222,8 +221,8 @@ def fit_factors(problem, *, settings=None, **options):
     settings = dataclasses.replace(settings, fisher=_targets.resolve_fisher(objective, outputs, settings.fisher))
     num_targets = _targets.target_count(objective, outputs, settings.fisher, settings.num_samples)
     start = time.perf_counter()
-    fitter = _Fitter(objective, blocks, settings, strategy=problem.strategy, num_targets=num_targets)
-    sums, total_weight, count = fitter.first_pass(dataset)
+    passes = fit_passes(objective, blocks, settings, strategy=problem.strategy, num_targets=num_targets)
+    sums, total_weight, count = passes.first_pass(objective, dataset)
     if total_weight <= 0:
         raise InputError("data has zero total sample weight; the mean objective is undefined.")
     layers = []
@@ -231,7 +230,7 @@ def fit_factors(problem, *, settings=None, **options):
         q_a, eig_a, q_s, eig_s = _statistics.eigendecompose(block, a_sum / total_weight, s_sum / total_weight)
         layers.append(LayerFactors(q_a=q_a, eig_a=eig_a, q_s=q_s, eig_s=eig_s))
     if settings.method == "ekfac":
-        corrected = fitter.second_pass(dataset, layers)
+        corrected = passes.second_pass(objective, dataset, layers)
         layers = [dataclasses.replace(layer, corrected=tf.maximum(c / total_weight, 0.0))
                   for layer, c in zip(layers, corrected)]
     seconds = time.perf_counter() - start
@@ -240,71 +239,3 @@ def fit_factors(problem, *, settings=None, **options):
     return Factors(settings, problem.model, problem.variables, blocks, layers, objective=objective,
                    num_examples=count, total_weight=total_weight, seconds=seconds,
                    model_fingerprint=weights_fingerprint, data_fingerprint=problem.data_fingerprint)
-
-
-class _Fitter:
-    """The compiled per-batch statistics of both passes."""
-
-    def __init__(self, objective, blocks, settings, strategy=None, num_targets=None):
-        self.objective = objective
-        self.num_targets = num_targets
-        self.blocks = blocks
-        self.settings = settings
-        self.dtype = tf.as_dtype(settings.dtype)
-        self.strategy = strategy
-        self._pass1 = tf.function(self._pass1_fn, reduce_retracing=True)
-        self._pass2 = tf.function(self._pass2_fn, reduce_retracing=True)
-        if strategy is not None:  # each batch split across replicas, statistics summed
-            self._pass1 = tf.function(lambda x, y, w, step: _distribute.batch_sum(
-                strategy, lambda shard, step: self._pass1_fn(*shard, step), (x, y, w), step),
-                reduce_retracing=True)
-            self._pass2 = tf.function(lambda x, y, w, step, bases: _distribute.batch_sum(
-                strategy, lambda shard, step, bases: self._pass2_fn(*shard, step, bases), (x, y, w), step, bases),
-                reduce_retracing=True)
-
-    def first_pass(self, dataset):
-        sums, total_weight, count = None, 0.0, 0
-        for step, (x, y, w) in enumerate(dataset):
-            batch_sums, weight = self._pass1(x, y, w, tf.constant(step, tf.int64))
-            _check_finite(batch_sums, "first")
-            sums = batch_sums if sums is None else [(a + ba, s + bs) for (a, s), (ba, bs) in zip(sums, batch_sums)]
-            total_weight += float(weight)
-            count += int(tf.shape(w)[0])
-        return sums, total_weight, count
-
-    def second_pass(self, dataset, layers):
-        bases = [(layer.q_a if layer.q_a is not None else tf.zeros([0, 0], self.dtype), layer.q_s)
-                 for layer in layers]
-        total = None
-        for step, (x, y, w) in enumerate(dataset):
-            batch_sums = self._pass2(x, y, w, tf.constant(step, tf.int64), bases)
-            _check_finite(batch_sums, "second")
-            total = batch_sums if total is None else [t + b for t, b in zip(total, batch_sums)]
-        return total
-
-    def rows(self, x, y, step):
-        seed = tf.stack([tf.cast(self.settings.seed, tf.int64), step])
-        return layer_rows(self.objective, self.blocks, x, y, fisher=self.settings.fisher,
-                          num_samples=self.settings.num_samples, seed=seed, dtype=self.dtype,
-                          whole_batch_targets=self.strategy is not None, num_targets=self.num_targets)
-
-    def _pass1_fn(self, x, y, w, step):
-        w = tf.cast(w, self.dtype)
-        sums = [_statistics.factor_sums(block, a, gs, w, weight_sharing=self.settings.weight_sharing)
-                for block, (a, gs) in zip(self.blocks, self.rows(x, y, step))]
-        return sums, tf.reduce_sum(w)
-
-    def _pass2_fn(self, x, y, w, step, bases):
-        w = tf.cast(w, self.dtype)
-        return [_statistics.corrected_sum(block, a, q_a, q_s, gs, w)
-                for block, (a, gs), (q_a, q_s) in zip(self.blocks, self.rows(x, y, step), bases)]
-
-
-def _check_finite(sums, which):
-    for t in tf.nest.flatten(sums):
-        if not bool(tf.reduce_all(tf.math.is_finite(t))):
-            raise NotFiniteError(
-                f"NaN/Inf in the layer inputs or pre-activation gradients during the {which} pass of "
-                "factor fitting. Check the data for NaN/Inf, the loss for non-differentiable points "
-                "(e.g. sqrt or log at 0), and the model weights for divergence."
-            )
