@@ -59,6 +59,11 @@ def fit_passes(objective, blocks, settings, *, strategy=None, num_targets):
     return passes
 
 
+def cached_passes(model):
+    """The `FitPasses` cached for `model` (a list; empty when none), e.g. to read their trace counts."""
+    return list(_CACHE.get(model, {}).values())
+
+
 class FitPasses:
     """The compiled per-batch statistics of both passes, for one set of blocks and settings.
 

@@ -1,0 +1,92 @@
+"""The compiled KFAC/EKFAC fitting passes: shared across fits (no retracing), no model kept alive,
+and batch statistics summed on the device equal to per-batch sums computed eagerly."""
+
+import gc
+import weakref
+
+import keras
+import numpy as np
+import pytest
+
+import tf_influence as tfi
+from tests import models
+from tf_influence.curvature import fit_factors
+from tf_influence.curvature import passes as _passes
+from tf_influence.curvature import statistics as _statistics
+from tf_influence.curvature.capture import find_blocks
+from tf_influence.curvature.layer_rows import layer_rows
+
+
+def _ce():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _data(rng, n=30):
+    return rng.standard_normal((n, 4)), rng.integers(0, 3, n), rng.uniform(0.5, 2.0, n)
+
+
+def _traces(model):
+    return sum(sum(p.traces.values()) for p in _passes.cached_passes(model))
+
+
+def test_second_fit_on_the_same_model_traces_nothing(float64, rng):
+    model = models.mlp()
+    data = _data(rng)
+    first = fit_factors(tfi.Problem(model, _ce(), data, batch_size=30), method="ekfac", fisher="ggn")
+    traced = _traces(model)
+    assert traced == 2  # one trace per pass
+    # A new Problem with a new (equal) loss object, then KFAC (the same first pass): no new trace.
+    second = fit_factors(tfi.Problem(model, _ce(), data, batch_size=30), method="ekfac", fisher="ggn")
+    kfac = fit_factors(tfi.Problem(model, _ce(), data, batch_size=30), method="kfac", fisher="ggn")
+    assert _traces(model) == traced
+    for a, b in zip(first.layers, second.layers):
+        np.testing.assert_array_equal(a.corrected.numpy(), b.corrected.numpy())
+        np.testing.assert_array_equal(a.q_s.numpy(), b.q_s.numpy())
+    assert kfac.layers[0].corrected is None
+
+
+def test_a_different_loss_gets_its_own_passes(float64, rng):
+    model = models.mlp()
+    data = _data(rng)
+    logits = fit_factors(tfi.Problem(model, _ce(), data), method="kfac", fisher="ggn")
+    probabilities = fit_factors(
+        tfi.Problem(model, keras.losses.SparseCategoricalCrossentropy(from_logits=False), data), method="kfac",
+        fisher="ggn")
+    assert len(_passes.cached_passes(model)) == 2
+    assert not np.allclose(logits.layers[1].eig_s.numpy(), probabilities.layers[1].eig_s.numpy())
+
+
+def test_cached_passes_do_not_keep_the_model_alive(float64, rng):
+    def fit():
+        model = models.mlp()
+        fit_factors(tfi.Problem(model, _ce(), _data(rng)), method="ekfac", fisher="ggn")
+        assert _passes.cached_passes(model)
+        return weakref.ref(model)
+
+    ref = fit()
+    gc.collect()
+    assert ref() is None
+
+
+@pytest.mark.parametrize("fisher", ["ggn", "true"])
+def test_summed_passes_equal_eager_per_batch_sums(float64, rng, fisher):
+    model = models.mlp()
+    x, y, w = _data(rng, n=23)
+    problem = tfi.Problem(model, _ce(), (x, y, w), batch_size=5)  # 5 batches, the last one partial
+    blocks = find_blocks(model, problem.variables)
+    num_targets = 3 if fisher == "ggn" else 1
+    settings = tfi.curvature.FactorSettings(fisher=fisher)
+    passes = _passes.fit_passes(problem.objective, blocks, settings, num_targets=num_targets)
+    sums, total_weight, count = passes.first_pass(problem.objective, problem.dataset)
+    expected = [[0.0, 0.0] for _ in blocks]
+    for step, (xb, yb, wb) in enumerate(problem.dataset):
+        rows = layer_rows(problem.objective, blocks, xb, yb, fisher=fisher, seed=np.array([0, step]),
+                          num_targets=num_targets)
+        for i, (block, (a, gs)) in enumerate(zip(blocks, rows)):
+            a_sum, s_sum = _statistics.factor_sums(block, a, gs, wb)
+            expected[i] = [expected[i][0] + a_sum.numpy(), expected[i][1] + s_sum.numpy()]
+    assert count == 23
+    assert abs(total_weight - w.sum()) <= 1e-12 * w.sum()
+    for (a_sum, s_sum), (a_ref, s_ref) in zip(sums, expected):
+        for got, ref in ((a_sum, a_ref), (s_sum, s_ref)):
+            assert np.max(np.abs(got.numpy() - ref)) <= 1e-12 * np.max(np.abs(ref))
