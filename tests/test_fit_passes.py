@@ -90,3 +90,22 @@ def test_summed_passes_equal_eager_per_batch_sums(float64, rng, fisher):
     for (a_sum, s_sum), (a_ref, s_ref) in zip(sums, expected):
         for got, ref in ((a_sum, a_ref), (s_sum, s_ref)):
             assert np.max(np.abs(got.numpy() - ref)) <= 1e-12 * np.max(np.abs(ref))
+
+
+def test_second_ekfac_scores_call_traces_nothing(float64, rng):
+    from tf_influence.influence import factored_scores
+    from tf_influence.operators import EKFACOperator
+
+    model = models.mlp()
+    x, y, _ = _data(rng)
+    factors = fit_factors(tfi.Problem(model, _ce(), (x, y)), method="ekfac", fisher="ggn")
+    operator = EKFACOperator(factors, damping=0.1)
+    g_test = rng.standard_normal((5, factors.space.size))
+    first = factored_scores.ekfac_scores(operator, g_test, (x, y), batch_size=10)
+    functions = factored_scores.score_functions(factors.objective, factors.blocks, operator.compute_dtype)
+    traced = dict(functions.traces)
+    assert traced == {"rows": 1, "scores": 1}
+    other = tfi.Objective(model, _ce())  # a new objective with an equal loss shares the functions
+    second = factored_scores.ekfac_scores(operator, g_test, (x, y), objective=other, batch_size=10)
+    assert functions.traces == traced
+    np.testing.assert_array_equal(first, second)

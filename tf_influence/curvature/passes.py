@@ -46,12 +46,11 @@ def fit_passes(objective, blocks, settings, *, strategy=None, num_targets):
       >>> sums, total_weight, count = passes.first_pass(problem.objective, problem.dataset)
     """
     settings = dataclasses.replace(settings, method="ekfac")  # both methods share the first pass
-    loss_key = _loss_key(objective.loss)
+    loss_key = objective_key(objective)
     if loss_key is None:  # a loss we cannot compare safely: compile for this fit only
         return FitPasses(blocks, settings, strategy=strategy, num_targets=num_targets)
     variables = tuple(id(v) for block in blocks for v in block.variables)
-    key = (loss_key, bool(objective.training), variables, settings, num_targets,
-           None if strategy is None else id(strategy))
+    key = (loss_key, variables, settings, num_targets, None if strategy is None else id(strategy))
     entries = _CACHE.setdefault(objective.model, {})
     passes = entries.get(key)
     if passes is None or passes.strategy is not strategy or not _same_blocks(passes.blocks, blocks):
@@ -164,12 +163,18 @@ def _same_blocks(cached, blocks):
         for a, b in zip(cached, blocks))
 
 
-def _loss_key(loss):
-    """A hashable key equal for losses that compute the same thing, or None when that is unknown.
+def objective_key(objective):
+    """A hashable key equal for objectives whose per-example losses and outputs are computed alike
+    (the same loss and `training` flag; the model is the cache's key), or None when that is unknown.
 
     Loss names and Keras' own loss classes compare by configuration; other callables by identity
     (the same function object); containers (per-output losses) are not compared.
     """
+    loss = _loss_key(objective.loss)
+    return None if loss is None else (loss, bool(objective.training))
+
+
+def _loss_key(loss):
     if isinstance(loss, str):
         return ("name", loss)
     if hasattr(loss, "call") and hasattr(loss, "get_config") and type(loss).__module__.startswith("keras."):

@@ -7,12 +7,19 @@ test points), and `a_{i,t}`, `g_{i,t}` the captured layer inputs and pre-activat
 training example i. For a layer without positions (Dense on vectors) this is `Σ_l (aᵢᵀ Pⱼ)_l g_{i,l}`:
 the `[d_a, d_g]` per-example gradient is never formed. For layers with positions (convolutions,
 sequences) the per-example layer gradient of one batch is formed, one layer at a time.
+
+The two compiled functions (captured rows of a batch; scores of a batch) are traced once per model,
+blocks, loss and dtype and shared by later calls (a weak cache: an entry goes with its model).
 """
+
+import contextlib
+import weakref
 
 import numpy as np
 import tensorflow as tf
 
 from tf_influence.curvature.layer_rows import layer_rows
+from tf_influence.curvature.passes import objective_key
 from tf_influence.data import as_dataset
 from tf_influence.errors import InputError
 from tf_influence.layers import batch_coupled_layers
@@ -62,21 +69,68 @@ def ekfac_scores(operator, test_gradients, train, *, objective=None, batch_size=
             f"variables). Received shape {tuple(rows.shape)}.")
     directions = operator.layer_solve(rows)
     dataset = as_dataset(train, batch_size=batch_size, name="train")
-    rows_fn = tf.function(
-        lambda x, y: layer_rows(objective, factors.blocks, x, y, fisher="empirical",
-                                dtype=operator.compute_dtype),
-        reduce_retracing=True)
-    score_fn = tf.function(lambda captured, chunk: _batch_scores(factors.blocks, captured, chunk),
-                           reduce_retracing=True)
+    functions = score_functions(objective, factors.blocks, operator.compute_dtype)
     columns = []
-    for x, y, _ in dataset:
-        captured = [(a, gs[0][0]) for a, gs in rows_fn(x, y)]
-        parts = []
-        for start in range(0, int(rows.shape[0]), test_chunk):
-            chunk = [d[start:start + test_chunk] for d in directions]
-            parts.append(score_fn(captured, chunk).numpy())
-        columns.append(np.concatenate(parts, axis=0))
+    with functions.using(objective):
+        for x, y, _ in dataset:
+            captured = functions.rows(x, y)
+            parts = []
+            for start in range(0, int(rows.shape[0]), test_chunk):
+                chunk = [d[start:start + test_chunk] for d in directions]
+                parts.append(functions.scores(captured, chunk).numpy())
+            columns.append(np.concatenate(parts, axis=0))
     return np.concatenate(columns, axis=1).astype(np.float64)
+
+
+_CACHE = weakref.WeakKeyDictionary()  # model -> {key: ScoreFunctions}
+
+
+def score_functions(objective, blocks, dtype):
+    """The compiled `ScoreFunctions` of `blocks` (shared by every call on the same model and settings)."""
+    key = objective_key(objective)
+    if key is None:
+        return ScoreFunctions(blocks, dtype)
+    key = (key, tuple(id(v) for block in blocks for v in block.variables), tf.as_dtype(dtype).name)
+    entries = _CACHE.setdefault(objective.model, {})
+    functions = entries.get(key)
+    if functions is None or any(a.layer is not b.layer for a, b in zip(functions.blocks, blocks)):
+        functions = entries[key] = ScoreFunctions(blocks, dtype)
+    return functions
+
+
+class ScoreFunctions:
+    """`rows(x, y)`: per block `(a, g)` of each example's own loss; `scores(captured, directions)`: `[k, N]`.
+
+    Attributes:
+      traces: traces of each function (`{"rows": n, "scores": n}`), for tests and profiling.
+    """
+
+    def __init__(self, blocks, dtype):
+        self.blocks = list(blocks)
+        self.dtype = tf.as_dtype(dtype)
+        self.traces = {"rows": 0, "scores": 0}
+        self._objective = None  # set only during `using`: the cache must not keep the model alive
+        self.rows = tf.function(self._rows, reduce_retracing=True, autograph=False)
+        self.scores = tf.function(self._scores, reduce_retracing=True, autograph=False)
+
+    @contextlib.contextmanager
+    def using(self, objective):
+        """Context in which `rows` evaluates `objective`."""
+        self._objective = objective
+        try:
+            yield
+        finally:
+            self._objective = None
+
+    def _rows(self, x, y):
+        self.traces["rows"] += 1
+        rows = layer_rows(self._objective, self.blocks, x, y, fisher="empirical", dtype=self.dtype)
+        return [(a, gs[0][0]) for a, gs in rows]
+
+    def _scores(self, captured, directions):
+        self.traces["scores"] += 1
+        return _batch_scores(self.blocks, captured, directions)
+
 
 
 def _batch_scores(blocks, captured, directions):
