@@ -109,3 +109,24 @@ def test_second_ekfac_scores_call_traces_nothing(float64, rng):
     second = factored_scores.ekfac_scores(operator, g_test, (x, y), objective=other, batch_size=10)
     assert functions.traces == traced
     np.testing.assert_array_equal(first, second)
+
+
+@pytest.mark.parametrize("build", ["mlp", "small_cnn"])
+def test_influence_scores_from_layer_rows_equal_jacobian_gradient_dots(float64, rng, build):
+    from tf_influence.influence import factored_scores
+
+    model = getattr(models, build)()
+    shape = tuple(model.inputs[0].shape[1:])
+    x, y = rng.standard_normal((12,) + shape), rng.integers(0, 3, 12)
+    test = (x[:3] + 0.1, y[:3])
+    influence = tfi.Influence(model, _ce(), (x, y), method=tfi.solvers.EKFAC(fisher="ggn"), damping=0.1,
+                              batch_size=5, progress=False)
+    scores = influence.scores(test)
+    reference = influence.test_inverse_hvps(test) @ influence.training_gradients().T  # per-example jacobians
+    assert np.max(np.abs(scores - reference)) <= 1e-12 * np.max(np.abs(reference))
+    functions = factored_scores.dots_for(influence.problem, influence.prepared()).functions
+    traced = dict(functions.traces)
+    again = tfi.Influence(model, _ce(), (x, y), method=tfi.solvers.EKFAC(fisher="ggn"), damping=0.1, batch_size=5,
+                          progress=False)
+    np.testing.assert_allclose(again.scores(test), scores, rtol=1e-12, atol=0)
+    assert functions.traces == traced  # the second Influence reuses the compiled row gradients

@@ -25,6 +25,7 @@ import tensorflow as tf
 from tf_influence import arguments
 from tf_influence.data import Fingerprint, first_batch
 from tf_influence.errors import InputError, NotFiniteError
+from tf_influence.influence import factored_scores as _factored
 from tf_influence.influence import group as _group
 from tf_influence.influence import per_layer as _per_layer
 from tf_influence.influence.batch_functions import BatchFunctions
@@ -235,10 +236,11 @@ class Influence:
     def scores(self, test):
         """`[n_test, n_train]` influence scores `∇ℓ(z_test)ᵀ (H + λI)⁻¹ ∇ℓ(zᵢ)`; positive = helpful."""
         directions = tf.constant(self.test_inverse_hvps(test), self.space.dtype)
+        dots = _factored.dots_for(self.problem, self.prepared()) or self.gradient_dots  # KFAC/EKFAC: layer rows
         seen, columns = Fingerprint(), []
         for batch in self._progress(self.problem.dataset, "scoring"):
             seen.update(batch)
-            columns.append(self.gradient_dots(batch, directions).numpy())
+            columns.append(dots(batch, directions).numpy())
         self.problem.check_data_unchanged(seen)
         return check_scores(np.concatenate(columns, axis=0).T)
 
