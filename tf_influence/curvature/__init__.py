@@ -5,6 +5,7 @@
   targets.py      output-space vectors for Fisher / Gauss-Newton statistics (sampled labels, exact GGN)
   layer_rows.py   layer inputs and pre-activation gradients for all targets, one batched back-propagation
   factors.py      KFAC/EKFAC factors fitted over the data (`fit_factors`)
+  passes.py       their compiled statistics passes, traced once per model and settings (`fit_passes`)
   cross_factors.py  neighbouring layers' Kronecker factors for block-tridiagonal KFAC
   storage.py      saving and loading factors with the settings and weights they belong to
   chain_plan.py   a Dense chain as stages; chain_blocks.py: their closed-form derivative blocks

@@ -28,6 +28,9 @@ exact output Hessian (GGN; the default for outputs of up to 32 entries per examp
 back-propagation (`layer_rows.py`). With a single example and T = 1, KFAC is exactly the layer's
 block of that curvature.
 
+The per-batch statistics run as compiled functions shared by every fit on the same model and
+settings (`passes.py`): a refit or a new `Influence` traces nothing.
+
 Memory: per layer `d_a² + d_g² + d_a·d_g`; the EKFAC pass of a layer with T > 1 positions holds
 `N·d_a·d_g` numbers per batch of N examples (choose the batch size accordingly).
 """
