@@ -18,34 +18,24 @@ bce = keras.losses.BinaryCrossentropy(from_logits=True)
 
 
 @pytest.fixture(scope="module")
-def breast_cancer():
-    """Logistic regression fitted to its optimum on breast cancer, built in float64 once for the module: no
-    test changes its weights (leave_one_out and subset_retrainer restore them, which
-    test_linear_datamodeling_score checks). Tests using it also take `float64`."""
-    from sklearn.datasets import load_breast_cancer
-    from sklearn.preprocessing import StandardScaler
+def breast_cancer(breast_cancer_optimum):
+    """Logistic regression at its optimum on breast cancer (conftest.py fits it once), built in float64
+    once for the module: no test changes its weights (leave_one_out and subset_retrainer restore them,
+    which test_linear_datamodeling_score checks). Tests using it also take `float64`.
 
+    With weaker regularisation the most influential points move the optimum far enough for
+    second-order effects to show: l2=0.01 gives Pearson 0.963 / 0.988 / 0.992 on test points 0-2."""
+    train, test, l2, weights = breast_cancer_optimum
     old_floatx, old_policy = keras.backend.floatx(), keras.config.dtype_policy()
     keras.backend.set_floatx("float64")
     keras.config.set_dtype_policy("float64")
     try:
-        keras.utils.set_random_seed(0)
-        data = load_breast_cancer()
-        rng = np.random.default_rng(0)
-        order = rng.permutation(len(data.target))
-        x = StandardScaler().fit_transform(data.data)[order]
-        y = data.target[order].astype("float64")[:, None]
-        n_train = 400
-        model = models.logistic_regression(x.shape[1])
-        # With weaker regularisation the most influential points move the optimum far enough for
-        # second-order effects to show: l2=0.01 gives Pearson 0.963 / 0.988 / 0.992 on test points 0-2.
-        l2 = 0.1
-        grad_norm = validation.fit_to_optimum(model, bce, (x[:n_train], y[:n_train]), l2=l2)
+        model = models.logistic_regression(train[0].shape[1])
     finally:
         keras.backend.set_floatx(old_floatx)
         keras.config.set_dtype_policy(old_policy)
-    assert grad_norm < 1e-8
-    return model, l2, (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+    model.set_weights(weights)
+    return model, l2, train, test
 
 
 @pytest.fixture(scope="module")
