@@ -54,6 +54,7 @@ class Objective:
         self.l2 = l2
         self.training = training
         self.loss = loss
+        self.loss_weights = loss_weights
         self.loss_name, self.loss_function = resolve_loss(loss, model, loss_weights)
 
     @property
@@ -108,6 +109,17 @@ class Objective:
         if not terms:
             return tf.constant(0.0, dtype=variables[0].dtype)
         return tf.add_n(terms)
+
+    def compiled_key(self):
+        """`(identity, options)`: what identifies this objective's traced graphs (`tf_influence.compiled`).
+
+        The model by identity; the loss by value when it can be (a name, or a Keras loss's class and
+        config, so that a fresh `SparseCategoricalCrossentropy(from_logits=True)` is the same loss),
+        else by identity; the training flag, l2, loss weights; an `Objective` subclass by identity.
+        """
+        identity = [self.model] + ([] if type(self) is Objective else [self])
+        options = (_loss_key(self.loss, identity), repr(self.training), self.l2, repr(self.loss_weights))
+        return identity, options
 
     def validate(self, batch, name="data"):
         """Checks one batch eagerly so that problems surface with a clear message, not deep in a graph."""
@@ -195,6 +207,22 @@ class Objective:
             return [(loss_name, labels, output)
                     for _, loss_name, _, _, labels, output in self.loss_function.parts(y, outputs)]
         return [(self.loss_name, y, outputs)]
+
+
+def _loss_key(loss, identity):
+    """A hashable description of `loss`; losses known only by identity are appended to `identity`."""
+    if isinstance(loss, str):
+        return ("name", loss)
+    if isinstance(loss, dict):
+        return ("dict",) + tuple((repr(k), _loss_key(v, identity)) for k, v in loss.items())
+    if isinstance(loss, (list, tuple)):
+        return ("list",) + tuple(_loss_key(v, identity) for v in loss)
+    module = type(loss).__module__
+    if callable(getattr(loss, "get_config", None)) and module.split(".")[0] in ("keras", "tf_keras"):
+        # A built-in Keras loss: its class and config determine what it computes.
+        return ("keras", module, type(loss).__qualname__, repr(sorted(loss.get_config().items())))
+    identity.append(loss)
+    return ("object", len(identity) - 1)
 
 
 def _per_example(losses):
