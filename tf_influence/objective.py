@@ -69,6 +69,14 @@ class Objective:
         """True when `outputs(x, values=...)` can evaluate the model at other variable values (Keras 3)."""
         return isinstance(self.model, keras.layers.Layer)
 
+    @property
+    def needs_autograph(self):
+        """False for Keras 3 models: Keras 3 runs them without AutoGraph (its trainer's steps are
+        `do_not_convert`), so traced functions skip AutoGraph's conversion of every Python function
+        they call (about half of the first trace of a curvature product). tf-keras models may rely on it.
+        """
+        return not self.can_substitute
+
     def outputs(self, x, values=None):
         """The model's outputs on `x`, called with the objective's `training` flag.
 

@@ -177,7 +177,8 @@ def _gauss_newton_array(objective, tf_vars, space, dataset, gemm, memory_budget,
     sub_batch = max(1, int(memory_budget // (c * p * (3 * space.dtype.size + 8))))
     builder = _Builder(objective, tf_vars, space)
     factors = shared_function(_traced_gauss_newton_factors, builder, identity=builder.identity,
-                              options=builder.options, input_signature=_batch_signature(dataset))
+                              options=builder.options, input_signature=_batch_signature(dataset),
+                              autograph=objective.needs_autograph)
     product = tf.function(lambda rows, signs: tf.matmul(rows, rows * signs[:, None], transpose_a=True),
                           input_signature=[tf.TensorSpec([None, p], space.dtype), tf.TensorSpec([None], space.dtype)])
     total = np.zeros((p, p), dtype.as_numpy_dtype, order="F") if gemm == "blas" else tf.zeros([p, p], dtype)
@@ -210,7 +211,7 @@ def _hessian_array(objective, tf_vars, space, dataset, chunk_size, memory_budget
     int_spec = tf.TensorSpec([], tf.int32)
     builder = _Builder(objective, tf_vars, space, exact)
     batch_rows = shared_function(_traced_hessian_rows, builder, identity=builder.identity,
-                                 options=builder.options + (exact, dtype.name),
+                                 options=builder.options + (exact, dtype.name), autograph=objective.needs_autograph,
                                  input_signature=[_batch_signature(dataset), int_spec, int_spec])
 
     def rows(start, stop):

@@ -96,7 +96,8 @@ class BatchFunctions:
         if self.objective is not problem.objective:
             identity = identity + [self.objective]
         traced = {"gradients": _traced_gradients, "forward_dots": _traced_forward_dots}[name]
-        return shared_function(traced, self, identity=identity, options=options, input_signature=signature)
+        return shared_function(traced, self, identity=identity, options=options, input_signature=signature,
+                               autograph=problem.objective.needs_autograph)
 
 
 def _traced_gradients(functions, batch):

@@ -133,6 +133,7 @@ class HessianOperator(RowsOperator):
         self._batch_products = {
             k: shared_function(_batch_product_of, self, identity=identity,
                                options=options + (curvature, mode, step, k), jit_compile=jit_compile,
+                               autograph=problem.objective.needs_autograph,
                                input_signature=[batch_spec(problem.dataset), [
                                    tf.TensorSpec([k, *shape], problem.space.dtype) for shape in problem.space.shapes]])
             for k in (1, None)}
