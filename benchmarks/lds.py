@@ -48,10 +48,12 @@ class MethodSpec:
     name: str
     options: dict = dataclasses.field(default_factory=dict)
     curvature: str = "hessian"
+    variant: str = ""  # shown after the name, e.g. "refined tol=0.1"
 
     @property
     def label(self):
-        return self.name if self.curvature == "hessian" else f"{self.name} ({self.curvature})"
+        label = f"{self.name} {self.variant}".strip()
+        return label if self.curvature == "hessian" else f"{label} ({self.curvature})"
 
 
 # Add new methods here (e.g. when tf_influence gains them); unknown names are skipped with a note.
@@ -60,7 +62,9 @@ METHODS = (
     MethodSpec("cg", dict(tol=1e-8, maxiter=2000)),
     MethodSpec("lissa", dict(seed=0, progress=False)),
     MethodSpec("ekfac", dict(seed=0)),
+    MethodSpec("ekfac", dict(seed=0, tol=0.1), variant="refined tol=0.1"),
     MethodSpec("kfac", dict(seed=0)),
+    MethodSpec("arnoldi", dict(rank=200, seed=0), variant="rank=200"),
     MethodSpec("chain"),
 )
 

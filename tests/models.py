@@ -58,7 +58,7 @@ class OwnLayerNormalization(keras.layers.LayerNormalization):
         return super().call(inputs)
 
 
-def own_layer_norm_mlp(hidden=5):
-    """Dense(tanh) -> OwnLayerNormalization -> Dense(3): a model only EKFAC/KFAC (and Gauss-Newton) accept."""
+def own_layer_norm_mlp(hidden=5, classes=3):
+    """Dense(tanh) -> OwnLayerNormalization -> Dense(classes): a model only EKFAC/KFAC (and Gauss-Newton) accept."""
     return keras.Sequential([keras.Input((4,)), keras.layers.Dense(hidden, activation="tanh", name="hidden"),
-                             OwnLayerNormalization(), keras.layers.Dense(3, name="head")])
+                             OwnLayerNormalization(), keras.layers.Dense(classes, name="head")])

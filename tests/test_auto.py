@@ -14,6 +14,7 @@ import tensorflow as tf
 import tf_influence as tfi
 from tests import models
 from tests.helpers import dense_hessian, dense_operator, relative_error
+from tf_influence.curvature.targets import EXACT_MAX_OUTPUTS
 from tf_influence.operators.source import CurvatureSource
 from tf_influence.solvers import Auto, plan_routes
 from tf_influence.solvers.direct import Direct
@@ -68,7 +69,7 @@ def test_plan_lists_every_route_with_estimates_and_marks_the_choice(float64, rng
     x, y = models.classification_data(rng)
     inf = tfi.Influence(model, _sce(), (x, y), variables="head", damping=DAMPING, progress=False)
     plan = inf.plan(n_test=10)
-    assert [r.name for r in plan.routes] == ["direct", "chain", "cg", "ekfac"]
+    assert [r.name for r in plan.routes] == ["direct", "chain", "cg", "ekfac_refined", "ekfac"]
     p = inf.space.size
     assert plan.p == p and plan.n_train == len(y) and plan.n_test == 10
     assert plan.route("direct").memory_bytes == 3 * p * p * 8
@@ -76,7 +77,7 @@ def test_plan_lists_every_route_with_estimates_and_marks_the_choice(float64, rng
     text = str(plan)
     chosen_line = next(line for line in text.splitlines() if line.lstrip().startswith("*"))
     assert "direct" in chosen_line
-    for name in ("direct", "chain", "cg", "ekfac"):
+    for name in ("direct", "chain", "cg", "ekfac_refined", "ekfac"):
         assert f" {name} " in text
     assert inf.source.built == []  # planning builds nothing
 
@@ -113,6 +114,34 @@ def test_auto_takes_the_chain_route_on_a_deep_dense_chain_when_direct_does_not_f
     assert inf.prepared().method.name == "chain" and inf.source.built == ["chain"]
     reference = _reference(model, x, y, model.trainable_variables, rows, gauss_newton=True)
     assert relative_error(solution, reference) <= 1e-10
+
+
+def test_auto_approximates_by_refined_ekfac_when_the_exact_routes_are_over_max_seconds(float64, rng, caplog):
+    """Over the time limit, auto's approximate route is EKFAC refined by CG on the exact curvature to a
+    relative residual of 0.1: the residual is met and the solution is closer to the exact one than
+    one-shot EKFAC's."""
+    model = models.mlp()
+    x, y = models.classification_data(rng)
+    options = dict(damping=DAMPING, curvature="gauss_newton", progress=False, direct_max_size=10,
+                   memory_bytes=2**20)  # no direct, no chain
+    inf = tfi.Influence(model, _sce(), (x, y), max_seconds=1e-6, **options)
+    plan = inf.plan()
+    assert not plan.route("direct").applicable and not plan.route("chain").applicable
+    assert plan.chosen.name == "ekfac_refined" and "max_seconds" in plan.reason
+    rows = _rows(inf, x, y)
+    with caplog.at_level(logging.INFO, logger="tf_influence"):
+        solution = inf.solve(rows).numpy()
+    assert inf.prepared().method.name == "ekfac" and inf.prepared().method.tol == 0.1
+    assert any("method='auto' chose ekfac_refined" in r.getMessage() for r in caplog.records)
+    hessian = _gauss_newton(model, x, model.trainable_variables) + DAMPING * np.eye(inf.space.size)
+    residual = np.linalg.norm(solution @ hessian - rows, axis=1) / np.linalg.norm(rows, axis=1)
+    assert residual.max() <= 0.1
+    reference = np.linalg.solve(hessian, np.asarray(rows).T).T
+    one_shot = tfi.Influence(model, _sce(), (x, y), method="ekfac", **{k: v for k, v in options.items()
+                                                                       if k in ("damping", "curvature", "progress")})
+    assert relative_error(solution, reference) < relative_error(one_shot.solve(rows).numpy(), reference)
+    no_refinement = tfi.Influence(model, _sce(), (x, y), max_seconds=1e-6, refine_tol=None, **options).plan()
+    assert not no_refinement.route("ekfac_refined").applicable and no_refinement.chosen.name == "ekfac"
 
 
 def _layer_norm_model():
@@ -173,8 +202,9 @@ def test_cg_route_without_ekfac_preconditioner_for_a_loss_ekfac_cannot_sample(fl
     def loss(y_true, y_pred):  # a plain callable: CG accepts it, EKFAC cannot sample labels from it
         return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
 
-    model = models.mlp(hidden=4)
-    x, y = models.classification_data(rng, n=25)
+    # Over EXACT_MAX_OUTPUTS classes EKFAC samples labels (below it, it takes the exact expectation of any loss).
+    model = models.mlp(hidden=4, classes=EXACT_MAX_OUTPUTS + 1)
+    x, y = models.classification_data(rng, n=25, classes=EXACT_MAX_OUTPUTS + 1)
     p = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     inf = tfi.Influence(model, loss, (x, y), damping=DAMPING, curvature="gauss_newton", progress=False,
                         memory_bytes=p * p * 8, tol=1e-12)
@@ -193,8 +223,9 @@ def test_auto_refuses_with_every_route_named_when_none_applies(float64, rng):
     def loss(y_true, y_pred):
         return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
 
-    model = _layer_norm_model()
-    x, y = models.classification_data(rng, n=20)
+    classes = EXACT_MAX_OUTPUTS + 1  # EKFAC samples labels here, and cannot from a plain callable
+    model = models.own_layer_norm_mlp(classes=classes)
+    x, y = models.classification_data(rng, n=20, classes=classes)
     inf = tfi.Influence(model, loss, (x, y), variables=["hidden", "head"], damping=DAMPING, progress=False)
     with pytest.raises(tfi.errors.InputError, match=r"method='auto' found no route.*ekfac: "):
         inf.solve(np.ones((1, inf.space.size)))

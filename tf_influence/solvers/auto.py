@@ -1,6 +1,7 @@
 """`method="auto"` (the default): the route the cost model of `solvers.plan` finds cheapest, with fallback.
 
-`Auto().prepare(source)` plans the routes (direct, chain, EKFAC-preconditioned CG, EKFAC; see
+`Auto().prepare(source)` plans the routes (direct, chain, EKFAC-preconditioned CG, EKFAC refined by CG
+to a residual of 0.1, one-shot EKFAC; see
 `tf_influence.solvers.plan`), logs its choice and the reason on the "tf_influence" logger, and
 prepares the chosen route. When preparing a route fails because the model, loss or memory does not
 suit it (`InputError` and its `UnsupportedLayerError` / `SecondDerivativeError`, `ResourceError`, a
@@ -25,7 +26,7 @@ from tf_influence.solvers.chain import Chain
 from tf_influence.solvers.direct import Direct
 from tf_influence.solvers.ekfac import EKFAC
 from tf_influence.solvers.method import Method
-from tf_influence.solvers.plan import plan_routes
+from tf_influence.solvers.plan import REFINE_TOL, plan_routes
 
 _log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class Auto(Method):
       max_seconds: when the cheapest exact route is estimated above this and EKFAC is cheaper, EKFAC.
       tol: CG's relative tolerance when CG is chosen.
       precondition: precondition CG with EKFAC when EKFAC applies to the layers.
+      refine_tol: relative residual of the approximate route "ekfac_refined" (`EKFAC(tol=refine_tol)`),
+        taken when the exact routes are estimated above `max_seconds`; None leaves only one-shot EKFAC.
       direct_max_size: largest p the direct route densifies (default 20,000).
 
     Example:
@@ -56,6 +59,7 @@ class Auto(Method):
     max_seconds: float = 600.0
     tol: float = 1e-6
     precondition: bool = True
+    refine_tol: typing.Optional[float] = REFINE_TOL
     direct_max_size: int = MAX_DENSE_SIZE
     name: typing.ClassVar[str] = "auto"
     exact: typing.ClassVar[bool] = False  # exact unless it falls back to EKFAC; `prepared.method.exact` says
@@ -67,12 +71,14 @@ class Auto(Method):
         arguments.positive_float(self.max_seconds, "max_seconds", owner="Auto")
         arguments.positive_float(self.tol, "tol", owner="Auto")
         arguments.positive_int(self.direct_max_size, "direct_max_size", owner="Auto")
+        if self.refine_tol is not None:
+            arguments.positive_float(self.refine_tol, "refine_tol", owner="Auto")
 
     def plan(self, source, *, n_test=None, self_influence=False):
         """The `Plan` (every route's estimated time and memory, the choice) for a `CurvatureSource`."""
         return plan_routes(source, n_test=self.n_test if n_test is None else n_test, self_influence=self_influence,
                            memory_bytes=self.memory_bytes, max_seconds=self.max_seconds,
-                           direct_max_size=self.direct_max_size, tol=self.tol)
+                           direct_max_size=self.direct_max_size, tol=self.tol, refine_tol=self.refine_tol)
 
     def prepare(self, source):
         plan = self.plan(source)
@@ -101,6 +107,8 @@ class Auto(Method):
             return Chain(max_memory_bytes=max(1, int(plan.memory_budget)))
         if name == "ekfac":
             return EKFAC()
+        if name == "ekfac_refined":
+            return EKFAC(tol=self.refine_tol)
         return CG(tol=self.tol, preconditioner=self._preconditioner(source) if self.precondition else None)
 
     def _preconditioner(self, source):

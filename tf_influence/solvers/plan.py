@@ -9,8 +9,13 @@ k right-hand sides (test points), F the model's forward flops per example:
           Σ_layers p³ + p²a + pa² + a³ with a = n·width; memory `chain_blocks.memory_estimate`.
   cg      conjugate gradient on exact products, EKFAC-preconditioned where EKFAC applies: time ~
           iterations·k·n·4F, memory ~ 6 rows of p per right-hand side in a chunk; exact to `tol`.
-  ekfac   Kronecker-factored Gauss-Newton: two passes of ~3F per example, per-layer
-          eigendecompositions; memory ~ Σ_layers d_in² + d_out² + d_in·d_out; approximate.
+  ekfac_refined
+          EKFAC, then preconditioned CG on the exact curvature to a relative residual of 0.1
+          (`EKFAC(tol=0.1)`): EKFAC's time plus ~`REFINE_ITERATIONS` CG iterations; approximate, but
+          close to exact where one-shot EKFAC is not (small damping; Pearson ≥ 0.99 measured, README).
+  ekfac   Kronecker-factored Gauss-Newton: two passes of ~(1 + 2C)F per example (C output targets:
+          the output entries for the exact expectation), per-layer eigendecompositions; memory ~
+          Σ_layers d_in² + d_out² + d_in·d_out; approximate.
 
 The constants (`DATA_FLOPS_PER_SECOND`, `BLAS_FLOPS_PER_SECOND`, `CG_ITERATIONS`) are rough CPU
 figures; the estimates order the routes, they do not promise seconds. A route is applicable when the
@@ -24,8 +29,10 @@ Example:
   'direct'
 
 Choice: the cheapest applicable exact route, where direct counts as cheapest unless another is
-estimated `DIRECT_PREFERENCE` times cheaper; EKFAC when no exact route applies, or when the chosen
-exact route is estimated above `max_seconds` and EKFAC is cheaper.
+estimated `DIRECT_PREFERENCE` times cheaper. When the chosen exact route is estimated above
+`max_seconds`, an approximate route estimated cheaper than it: refined EKFAC when it applies (exact
+curvature products), else one-shot EKFAC. When no exact route applies, EKFAC (refinement needs the
+same exact products).
 """
 
 import dataclasses
@@ -38,6 +45,7 @@ import numpy as np
 from tf_influence.curvature.capture import find_blocks
 from tf_influence.curvature.chain_blocks import memory_estimate
 from tf_influence.curvature.chain_plan import loss_spec, plan_stages
+from tf_influence.curvature.targets import EXACT_MAX_OUTPUTS
 from tf_influence.errors import InfluenceError
 from tf_influence.layers import leaf_layers
 from tf_influence.operators.damping import LANCZOS_ITERATIONS
@@ -48,6 +56,7 @@ from tf_influence.traps import second_derivative_traps
 DATA_FLOPS_PER_SECOND = 5e9  # curvature products through TensorFlow on a CPU core, small models
 BLAS_FLOPS_PER_SECOND = 1e10  # float64 dense factorisations (LAPACK)
 HVP_FORWARDS = 4  # one curvature-vector product per example ≈ 4 forward passes
+REFINE_ITERATIONS = 10  # CG iterations of EKFAC(tol=0.1): 3-22 measured at λ = 0.1-0.001 (README)
 CG_ITERATIONS = 100  # a guess for H + λI with condition ~100 (the default damping's target) and tol 1e-6
 CG_CHUNK = 256  # right-hand sides solved together (Influence solves in chunks of this size)
 MEMORY_FRACTION = 0.5  # of the available memory, when no budget is given
@@ -57,7 +66,8 @@ DIRECT_PREFERENCE = 2.0  # direct is chosen unless another exact route is estima
 DENSE_CHUNK = 256  # rows of the dense matrix per data pass (curvature/dense.py's pfor chunks)
 DENSE_ROW_SPEEDUP = 3.5  # a vectorised dense row costs this much less than one curvature product
 #                          (benchmarks/dense.py, 2,410-parameter MLP: 8.7 s CPU against 31 s for p products)
-ROUTES = ("direct", "chain", "cg", "ekfac")
+ROUTES = ("direct", "chain", "cg", "ekfac_refined", "ekfac")  # approximate routes: most accurate first
+REFINE_TOL = 0.1  # the refined route's relative residual
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +75,7 @@ class Route:
     """One method's estimated cost for a problem.
 
     Attributes:
-      name: the method name ("direct", "chain", "cg", "ekfac").
+      name: the route name (`ROUTES`: "direct", "chain", "cg", "ekfac_refined", "ekfac").
       exact: True when the route solves `(H + λI) x = b` itself (to rounding or to CG's tolerance).
       applicable: whether the static checks pass and the memory fits the budget.
       seconds: estimated time of preparing the route and solving the planned right-hand sides.
@@ -83,7 +93,7 @@ class Route:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The routes of one problem, cheapest applicable exact route chosen (EKFAC when none fits in time).
+    """The routes of one problem, cheapest applicable exact route chosen (an approximate one when none fits in time).
 
     Attributes:
       routes: the `Route`s in `ROUTES` order.
@@ -106,19 +116,20 @@ class Plan:
         return next(r for r in self.routes if r.name == name)
 
     def order(self):
-        """The applicable routes to try: the chosen one first, then exact before approximate, cheapest first."""
+        """The applicable routes to try: the chosen one first, then the exact ones cheapest first, then the
+        approximate ones most accurate first."""
         rest = sorted((r for r in self.routes if r.applicable and r is not self.chosen),
-                      key=lambda r: (not r.exact, r.seconds))
+                      key=lambda r: (not r.exact, r.seconds if r.exact else ROUTES.index(r.name)))
         return [self.chosen] + rest if self.chosen.applicable else rest
 
     def __str__(self):
         lines = [f"Plan for p={self.p} parameters, n_train={self.n_train}, n_test={self.n_test} (memory budget "
                  f"{_bytes(self.memory_budget)}):",
-                 f"    {'route':<7} {'exact':<6} {'est. time':>10} {'memory':>10}  note"]
+                 f"    {'route':<13} {'exact':<6} {'est. time':>10} {'memory':>10}  note"]
         for r in self.routes:
             mark = "*" if r is self.chosen else " "
             time = _seconds(r.seconds) if r.applicable or math.isfinite(r.seconds) else "-"
-            lines.append(f"  {mark} {r.name:<7} {'yes' if r.exact else 'no':<6} {time:>10} "
+            lines.append(f"  {mark} {r.name:<13} {'yes' if r.exact else 'no':<6} {time:>10} "
                          f"{_bytes(r.memory_bytes):>10}  {r.note}")
         lines.append(f"  * chosen: {self.reason}")
         return "\n".join(lines)
@@ -157,7 +168,7 @@ def forward_flops(model):
 
 
 def plan_routes(source, *, n_test=100, self_influence=False, memory_bytes=None, max_seconds=600.0,
-                direct_max_size=MAX_DENSE_SIZE, tol=1e-6):
+                direct_max_size=MAX_DENSE_SIZE, tol=1e-6, refine_tol=REFINE_TOL):
     """The `Plan` for a `CurvatureSource`: every route's estimated time and memory, and the choice.
 
     Args:
@@ -168,10 +179,11 @@ def plan_routes(source, *, n_test=100, self_influence=False, memory_bytes=None, 
       max_seconds: above this estimate for the cheapest exact route, a cheaper EKFAC is chosen.
       direct_max_size: largest p the direct route densifies.
       tol: CG's tolerance (its iteration guess grows with log(1/tol)).
+      refine_tol: the refined EKFAC route's relative residual; None: no refined route.
 
     Returns:
-      A `Plan`. Choice: the cheapest applicable exact route (direct, chain, cg); EKFAC when no exact
-      route applies, or when the cheapest exact one is estimated above `max_seconds` and EKFAC is cheaper.
+      A `Plan`. Choice: the cheapest applicable exact route (direct, chain, cg); when that is estimated
+      above `max_seconds`, refined EKFAC or else EKFAC, if cheaper; EKFAC when no exact route applies.
     """
     budget = float(memory_bytes) if memory_bytes is not None else MEMORY_FRACTION * available_memory()
     problem = source.problem
@@ -185,11 +197,13 @@ def plan_routes(source, *, n_test=100, self_influence=False, memory_bytes=None, 
     lanczos = LANCZOS_ITERATIONS * (vector_seconds + pass_seconds) if source.damping_choice is None else 0.0
     exact_note = _exact_products_problem(source)
     iterations = min(p, int(round(CG_ITERATIONS * max(1.0, math.log10(1.0 / tol) / 6.0))))
+    ekfac = _ekfac(source, n, k, flops, pass_seconds, budget)
     routes = [
         _direct(p, vector_seconds, pass_seconds, lanczos, budget, direct_max_size, exact_note),
         _chain(source, n, budget, lanczos),
         _cg(p, k, iterations, vector_seconds, pass_seconds, lanczos, exact_note, _ekfac_blocks(source)),
-        _ekfac(source, n, k, flops, pass_seconds, budget),
+        _refined(ekfac, p, k, vector_seconds, pass_seconds, lanczos, exact_note, refine_tol),
+        ekfac,
     ]
     chosen, reason = _choose(routes, max_seconds)
     return Plan(tuple(routes), chosen, reason, p, n, n_test, budget)
@@ -198,6 +212,7 @@ def plan_routes(source, *, n_test=100, self_influence=False, memory_bytes=None, 
 def _choose(routes, max_seconds):
     exact = [r for r in routes if r.applicable and r.exact]
     ekfac = next(r for r in routes if r.name == "ekfac")
+    refined = next(r for r in routes if r.name == "ekfac_refined")
     cheapest = best = min(exact, key=lambda r: r.seconds, default=None)
     direct = routes[0]
     if best is not None and direct.applicable and direct.seconds <= DIRECT_PREFERENCE * best.seconds:
@@ -207,9 +222,13 @@ def _choose(routes, max_seconds):
             return ekfac, ("no exact route applies here (see their notes); EKFAC approximates the damped "
                            "Gauss-Newton solve")
         return routes[0], "no route applies (see their notes)"
-    if best.seconds > max_seconds and ekfac.applicable and ekfac.seconds < best.seconds:
-        return ekfac, (f"the cheapest exact route ({best.name}) is estimated at {_seconds(best.seconds)}, above "
-                       f"max_seconds={max_seconds:g}; EKFAC approximates it in ~{_seconds(ekfac.seconds)}")
+    if best.seconds > max_seconds:
+        cheaper = [r for r in (refined, ekfac) if r.applicable and r.seconds < best.seconds]
+        if cheaper:
+            approximate = cheaper[0]
+            return approximate, (f"the cheapest exact route ({best.name}) is estimated at {_seconds(best.seconds)}, "
+                                 f"above max_seconds={max_seconds:g}; {approximate.name} approximates it in "
+                                 f"~{_seconds(approximate.seconds)}")
     others = ", ".join(f"{r.name} ~{_seconds(r.seconds)}" for r in exact if r is not best)
     what = ("the cheapest exact route" if best is cheapest else
             f"within {DIRECT_PREFERENCE:g}x of the cheapest exact route ({cheapest.name}) and the simplest")
@@ -292,6 +311,18 @@ def _cg(p, k, iterations, vector_seconds, pass_seconds, lanczos, problem_note, b
     return Route("cg", True, True, seconds, memory, note)
 
 
+def _refined(ekfac, p, k, vector_seconds, pass_seconds, lanczos, problem_note, refine_tol):
+    iterations = REFINE_ITERATIONS
+    seconds = ekfac.seconds + lanczos + iterations * (k * vector_seconds + math.ceil(k / CG_CHUNK) * pass_seconds)
+    memory = ekfac.memory_bytes + 6.0 * min(k, CG_CHUNK) * p * 8
+    if refine_tol is None:
+        return Route("ekfac_refined", False, False, seconds, memory, "refine_tol=None")
+    if problem_note or not ekfac.applicable:
+        return Route("ekfac_refined", False, False, seconds, memory, problem_note or ekfac.note)
+    return Route("ekfac_refined", False, True, seconds, memory,
+                 f"EKFAC, then ~{iterations} CG iterations on exact products to residual {refine_tol:g}; approximate")
+
+
 def _ekfac(source, n, k, flops, pass_seconds, budget):
     problem = source.problem
     if problem is None:
@@ -302,12 +333,24 @@ def _ekfac(source, n, k, flops, pass_seconds, budget):
         return Route("ekfac", False, False, math.inf, math.nan, _first_sentence(e))
     sizes = [(b.a_size, b.out_features) for b in blocks]
     memory = float(sum(a * a + g * g + 2 * a * g for a, g in sizes) * 8)
-    passes = 2 * (n * 3 * flops / DATA_FLOPS_PER_SECOND + pass_seconds)  # factors, then eigenvalue correction
+    per_example = (1 + 2 * _output_targets(problem.model)) * flops  # forward, then a backward per target
+    passes = 2 * (n * per_example / DATA_FLOPS_PER_SECOND + pass_seconds)  # factors, then eigenvalue correction
     eigen = sum(10 * (a ** 3 + g ** 3) for a, g in sizes) / BLAS_FLOPS_PER_SECOND
     seconds = SETUP_SECONDS + passes + eigen + k * sum(4 * a * g * (a + g) for a, g in sizes) / BLAS_FLOPS_PER_SECOND
     if memory > budget:
         return Route("ekfac", False, False, seconds, memory, "factors exceed the memory budget")
     return Route("ekfac", False, True, seconds, memory, f"{len(blocks)} Kronecker-factored layers; approximate")
+
+
+def _output_targets(model):
+    """Output targets per example of EKFAC's default fisher="auto": the output entries when at most
+    `EXACT_MAX_OUTPUTS` (the exact expectation), else 1 sampled label; 1 when the shape is unknown."""
+    try:
+        shape = model.outputs[0].shape
+        entries = int(np.prod([int(d) for d in shape[1:]]))
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return 1
+    return entries if entries <= EXACT_MAX_OUTPUTS else 1
 
 
 def _first_sentence(error):
