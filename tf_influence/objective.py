@@ -226,7 +226,10 @@ def _loss_key(loss, identity):
     if isinstance(loss, (list, tuple)):
         return ("list",) + tuple(_loss_key(v, identity) for v in loss)
     module = type(loss).__module__
-    if callable(getattr(loss, "get_config", None)) and module.split(".")[0] in ("keras", "tf_keras"):
+    wrapped = getattr(loss, "fn", None)  # LossFunctionWrapper: a user's function is known only by identity
+    keras_only = all(getattr(t, "__module__", "keras").split(".")[0] in ("keras", "tf_keras") for t in (loss, wrapped)
+                     if t is not None)
+    if callable(getattr(loss, "get_config", None)) and module.split(".")[0] in ("keras", "tf_keras") and keras_only:
         # A built-in Keras loss: its class and config determine what it computes.
         return ("keras", module, type(loss).__qualname__, repr(sorted(loss.get_config().items())))
     identity.append(loss)
