@@ -5,6 +5,7 @@ import functools
 import keras
 import numpy as np
 import pytest
+import scipy.stats
 import tensorflow as tf
 
 import tf_influence as tfi
@@ -16,35 +17,57 @@ sce = functools.partial(keras.losses.sparse_categorical_crossentropy, from_logit
 bce = keras.losses.BinaryCrossentropy(from_logits=True)
 
 
-@pytest.fixture
-def breast_cancer(float64):
-    from sklearn.datasets import load_breast_cancer
-    from sklearn.preprocessing import StandardScaler
+@pytest.fixture(scope="module")
+def breast_cancer(breast_cancer_optimum):
+    """Logistic regression at its optimum on breast cancer (conftest.py fits it once), built in float64
+    once for the module: no test changes its weights (leave_one_out and subset_retrainer restore them,
+    which test_linear_datamodeling_score checks). Tests using it also take `float64`.
 
-    data = load_breast_cancer()
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(data.target))
-    x = StandardScaler().fit_transform(data.data)[order]
-    y = data.target[order].astype("float64")[:, None]
-    n_train = 400
-    model = models.logistic_regression(x.shape[1])
-    # With weaker regularisation the most influential points move the optimum far enough for
-    # second-order effects to show: l2=0.01 gives Pearson 0.963 / 0.988 / 0.992 on test points 0-2.
-    l2 = 0.1
-    grad_norm = validation.fit_to_optimum(model, bce, (x[:n_train], y[:n_train]), l2=l2)
-    assert grad_norm < 1e-8
-    return model, l2, (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+    With weaker regularisation the most influential points move the optimum far enough for
+    second-order effects to show: l2=0.01 gives Pearson 0.963 / 0.988 / 0.992 on test points 0-2."""
+    train, test, l2, weights = breast_cancer_optimum
+    old_floatx, old_policy = keras.backend.floatx(), keras.config.dtype_policy()
+    keras.backend.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    try:
+        model = models.logistic_regression(train[0].shape[1])
+    finally:
+        keras.backend.set_floatx(old_floatx)
+        keras.config.set_dtype_policy(old_policy)
+    model.set_weights(weights)
+    return model, l2, train, test
+
+
+@pytest.fixture(scope="module")
+def leave_one_out_runs():
+    """Retrainings shared by the methods' tests: {sorted removed indices: LeaveOneOutResult}."""
+    return {}
 
 
 @pytest.mark.parametrize("method", ["direct", "cg"])
-def test_predicted_loss_change_matches_leave_one_out(breast_cancer, method):
+def test_predicted_loss_change_matches_leave_one_out(float64, breast_cancer, leave_one_out_runs, method):
+    """The 50 examples of largest predicted change, removed one at a time and retrained. When another
+    method's test already retrained without the same 50 examples, its actual changes are reused (the
+    retraining does not depend on the method) and correlated here with this method's predictions,
+    by the formulas of validation.leave_one_out."""
     model, l2, train, test = breast_cancer
     inf = tfi.Influence(model, bce, train, l2=l2, method=method, progress=False)
     test_point = (test[0][:1], test[1][:1])
     predicted = inf.predicted_loss_change(test_point)
     top50 = np.argsort(-np.abs(predicted[0]))[:50]
-    result = validation.leave_one_out(model, bce, train, test_point, top50,
-                                      predicted=predicted[:, top50], l2=l2)
+    key = tuple(sorted(top50.tolist()))
+    if key in leave_one_out_runs:
+        done = leave_one_out_runs[key]
+        column = {int(i): j for j, i in enumerate(done.indices)}
+        actual = done.actual[:, [column[int(i)] for i in top50]]
+        result = validation.LeaveOneOutResult(
+            top50, actual, predicted[:, top50], float(np.corrcoef(predicted[:, top50].ravel(), actual.ravel())[0, 1]),
+            float(scipy.stats.spearmanr(predicted[:, top50].ravel(), actual.ravel()).statistic),
+            done.max_gradient_norm)
+    else:
+        result = validation.leave_one_out(model, bce, train, test_point, top50,
+                                          predicted=predicted[:, top50], l2=l2)
+        leave_one_out_runs[key] = result
     assert result.max_gradient_norm < 1e-7
     assert result.pearson >= 0.99, result.pearson
     assert result.spearman >= 0.95, result.spearman
@@ -210,7 +233,7 @@ def test_bad_inputs(float64, rng):
         inf.parameter_change([30])
 
 
-def test_linear_datamodeling_score(breast_cancer):
+def test_linear_datamodeling_score(float64, breast_cancer):
     model, l2, train, test = breast_cancer
     inf = tfi.Influence(model, bce, train, l2=l2, method="direct", progress=False)
     test_points = (test[0][:5], test[1][:5])

@@ -70,12 +70,24 @@ MEMORY_SCRIPT = pathlib.Path(__file__).resolve().parent / "scripts" / "streaming
 
 @pytest.mark.slow
 def test_peak_memory_does_not_grow_with_n_train(tmp_path):
-    peaks = {}
+    """Both sizes run at once in their own processes (each samples its own resident set, so running
+    side by side changes no peak, and the second core is used while each imports TensorFlow). Output goes
+    to files: a full pipe would stall the process not yet read."""
+    procs = {}
     for n in (10_000, 50_000):
-        result = subprocess.run([sys.executable, str(MEMORY_SCRIPT), str(n), str(tmp_path / f"s{n}.npy")],
-                                capture_output=True, text=True, timeout=300, env=script_environment())
-        assert result.returncode == 0, result.stderr[-3000:]
-        peaks[n] = int(result.stdout.strip().splitlines()[-1])
+        with open(tmp_path / f"{n}.out", "w") as out, open(tmp_path / f"{n}.err", "w") as err:
+            procs[n] = subprocess.Popen([sys.executable, str(MEMORY_SCRIPT), str(n), str(tmp_path / f"s{n}.npy")],
+                                        stdout=out, stderr=err, text=True, env=script_environment())
+    peaks = {}
+    try:
+        for n, proc in procs.items():
+            assert proc.wait(timeout=300) == 0, (tmp_path / f"{n}.err").read_text()[-3000:]
+            peaks[n] = int((tmp_path / f"{n}.out").read_text().strip().splitlines()[-1])
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     print(f"peak RSS while scoring (bytes): {peaks}")
     assert peaks[50_000] < 1.2 * peaks[10_000], peaks
 
