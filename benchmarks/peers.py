@@ -9,7 +9,8 @@ to 1e-10). Every library is configured to compute
 (how each peer's options map onto this: `_peer_libs.py`). Ground truth: the Hessian by nested
 GradientTapes and a dense float64 solve (`_peer_models.py`), cross-checked against torch.func.
 Each row times the user's whole computation, object construction to the [50, 1200] score matrix;
-the time is the median of --repeats runs (the 1st run, with tracing, is shown apart). Libraries run
+the time is the median of --repeats runs; the details show the 1st run (cold: tracing, first calls)
+and the median of the later ones (warm: a new object on the same model) apart, in wall and CPU seconds. Libraries run
 round-robin; before each timed run the Python heap is collected and frozen (gc.freeze), so that a
 library's own gc.collect() calls do not scan the other framework's objects.
 
@@ -25,6 +26,7 @@ which reach ~1.9 here), depth J = smallest multiple of 100 with (1 − (λ + λ_
 Run (the peers live in their own venv, see benchmarks/README.md):
   /work/venv-peers/bin/python benchmarks/peers.py [--quick] [--only direct cg lissa ekfac]
       [--lambdas 0.1 0.01] [--repeats 3] [--skip-large] [--threads N]
+  (--quick runs once unless --repeats is given: `--quick --repeats 3` shows cold and warm runs)
 Without torch/pyDVL/kronfluence it prints a note and runs the tf_influence rows only.
 Import: `import peers; rows = peers.main([...])`, a list of dicts.
 """
@@ -94,7 +96,9 @@ def _clock(fn, *args):
 def timed(runs, repeats):
     """Times each of `runs` {name: run} `repeats` times, round-robin so that a change in the machine's
     load hits every library alike; per name: median wall seconds, 1st run, all runs, median CPU
-    seconds (this process, all threads), and the last result."""
+    seconds (this process, all threads), the 1st run's CPU seconds, the warm median (runs 2..n: a
+    user's second object on the same model, after the 1st run's tracing) in wall and CPU seconds,
+    and the last result."""
     walls, cpus, results = {n: [] for n in runs}, {n: [] for n in runs}, {}
     for _ in range(repeats):
         for name, run in runs.items():
@@ -104,7 +108,9 @@ def timed(runs, repeats):
             walls[name].append(wall)
             cpus[name].append(cpu)
     return {n: dict(seconds=statistics.median(walls[n]), first=walls[n][0], times=walls[n],
-                    cpu=statistics.median(cpus[n]), scores=results[n]) for n in runs}
+                    cpu=statistics.median(cpus[n]), first_cpu=cpus[n][0], cpus=cpus[n],
+                    warm=statistics.median(walls[n][1:]) if repeats > 1 else None,
+                    warm_cpu=statistics.median(cpus[n][1:]) if repeats > 1 else None, scores=results[n]) for n in runs}
 
 
 def timed_stages(runs, repeats):
@@ -178,7 +184,9 @@ def small_rows(args, data, model, twin, truth_h, g_train, g_test, peers):
                     note = f"block CG rtol=1e-3, residual {relative_residual(truth_h, damping, x, g_test):.1e}"
                 rows.append(dict(section="small", library=library, method=method, damping=damping,
                                  seconds=result["seconds"], first=result["first"], times=result["times"],
-                                 cpu=result["cpu"], pearson=pearson, max_rel=max_rel, note=note))
+                                 cpu=result["cpu"], first_cpu=result["first_cpu"], cpus=result["cpus"],
+                                 warm=result["warm"], warm_cpu=result["warm_cpu"], pearson=pearson,
+                                 max_rel=max_rel, note=note))
             print(" " + ", ".join(f"{lib} {r['seconds']:.2f} s" for lib, r in results.items()), flush=True)
     return rows
 
@@ -242,14 +250,25 @@ def print_tables(rows, args, peers):
         ("method", "λ", "tf_influence", "Pearson", "pyDVL", "Pearson", "kronfluence", "Pearson",
          "tf_influence / best peer", "(CPU)"), table)
     _timing.print_table(
-        "Details (max rel. err = max|s − t| / max|t|)",
-        ("library", "method", "λ", "median", "1st run", "runs", "CPU (median)", "Pearson", "max rel. err", "note"),
+        "Details (max rel. err = max|s − t| / max|t|); cold = the 1st run (tracing, first calls), warm = median of "
+        "runs 2..n (a new object on the same model)",
+        ("library", "method", "λ", "median", "cold", "cold CPU", "warm", "warm CPU", "runs (wall)", "runs (CPU)",
+         "Pearson", "max rel. err", "note"),
         [(r["library"], LABELS[r["method"]], f"{r['damping']:g}", _fmt(r["seconds"]), _fmt(r["first"]),
-          ", ".join(f"{t:.2f}" for t in r["times"]), _fmt(r["cpu"]), f"{r['pearson']:.5f}", f"{r['max_rel']:.2e}",
-          r["note"])
+          _fmt(r["first_cpu"]), _fmt(r["warm"]), _fmt(r["warm_cpu"]), ", ".join(f"{t:.2f}" for t in r["times"]),
+          ", ".join(f"{t:.2f}" for t in r["cpus"]), f"{r['pearson']:.5f}", f"{r['max_rel']:.2e}", r["note"])
          for r in small])
     for row in table:
         print(f"tf_influence / best peer, {row[0]} λ={row[1]}: {row[-2]} (CPU seconds: {row[-1]})")
+    for damping in args.lambdas:
+        for method in ("direct", "cg", "lissa", "ekfac", "kfac"):
+            cells = {r["library"]: r for r in small if r["method"] == method and r["damping"] == damping}
+            tf, peer = cells.get("tf_influence"), cells.get("pyDVL")
+            if tf and peer:
+                warm = (f"; warm {tf['warm'] / peer['warm']:.1f}x (CPU {tf['warm_cpu'] / peer['warm_cpu']:.1f}x)"
+                        if tf["warm"] is not None else "")
+                print(f"tf_influence / pyDVL, {LABELS[method]} λ={damping:g}: cold {tf['first'] / peer['first']:.1f}x "
+                      f"(CPU {tf['first_cpu'] / peer['first_cpu']:.1f}x){warm}")
     large = [r for r in rows if r["section"] == "large"]
     for r in large:
         if r["library"] == "kronfluence" and r["precision"] == "float64":
@@ -274,7 +293,7 @@ def parse(argv):
     parser.add_argument("--only", nargs="+", choices=METHODS, default=list(METHODS),
                         help="methods to run (ekfac brings kfac along)")
     parser.add_argument("--lambdas", nargs="+", type=float, default=[0.1, 0.01])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None, help="runs per row (default 3; 1 with --quick)")
     parser.add_argument("--skip-large", action="store_true", help="skip the at-scale EKFAC rows")
     parser.add_argument("--n-train", type=int, default=1200)
     parser.add_argument("--n-test", type=int, default=50)
@@ -291,7 +310,9 @@ def parse(argv):
     parser.add_argument("--large-epochs", type=int, default=30, help="training epochs of the 301k MLP")
     args = parser.parse_args(argv)
     if args.quick:
-        args.repeats, args.lambdas, args.skip_large = 1, [0.1], True
+        args.lambdas, args.skip_large = [0.1], True
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
     return args
 
 

@@ -15,7 +15,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "tf_influence"
 MAX_LINES = 450
 
 STAGES = [
-    ("errors", "arguments", "files", "layers"),
+    ("errors", "arguments", "files", "layers", "compiled"),
     ("data", "params", "losses", "output_losses", "loss_checks", "objective", "distribute", "traps", "normalization",
      "normalization_rules", "normalization_tf_keras"),
     ("problem",),

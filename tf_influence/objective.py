@@ -54,6 +54,7 @@ class Objective:
         self.l2 = l2
         self.training = training
         self.loss = loss
+        self.loss_weights = loss_weights
         self.loss_name, self.loss_function = resolve_loss(loss, model, loss_weights)
 
     @property
@@ -67,6 +68,14 @@ class Objective:
     def can_substitute(self):
         """True when `outputs(x, values=...)` can evaluate the model at other variable values (Keras 3)."""
         return isinstance(self.model, keras.layers.Layer)
+
+    @property
+    def needs_autograph(self):
+        """False for Keras 3 models: Keras 3 runs them without AutoGraph (its trainer's steps are
+        `do_not_convert`), so traced functions skip AutoGraph's conversion of every Python function
+        they call (about half of the first trace of a curvature product). tf-keras models may rely on it.
+        """
+        return not self.can_substitute
 
     def outputs(self, x, values=None):
         """The model's outputs on `x`, called with the objective's `training` flag.
@@ -108,6 +117,17 @@ class Objective:
         if not terms:
             return tf.constant(0.0, dtype=variables[0].dtype)
         return tf.add_n(terms)
+
+    def compiled_key(self):
+        """`(identity, options)`: what identifies this objective's traced graphs (`tf_influence.compiled`).
+
+        The model by identity; the loss by value when it can be (a name, or a Keras loss's class and
+        config, so that a fresh `SparseCategoricalCrossentropy(from_logits=True)` is the same loss),
+        else by identity; the training flag, l2, loss weights; an `Objective` subclass by identity.
+        """
+        identity = [self.model] + ([] if type(self) is Objective else [self])
+        options = (_loss_key(self.loss, identity), repr(self.training), self.l2, repr(self.loss_weights))
+        return identity, options
 
     def validate(self, batch, name="data"):
         """Checks one batch eagerly so that problems surface with a clear message, not deep in a graph."""
@@ -195,6 +215,25 @@ class Objective:
             return [(loss_name, labels, output)
                     for _, loss_name, _, _, labels, output in self.loss_function.parts(y, outputs)]
         return [(self.loss_name, y, outputs)]
+
+
+def _loss_key(loss, identity):
+    """A hashable description of `loss`; losses known only by identity are appended to `identity`."""
+    if isinstance(loss, str):
+        return ("name", loss)
+    if isinstance(loss, dict):
+        return ("dict",) + tuple((repr(k), _loss_key(v, identity)) for k, v in loss.items())
+    if isinstance(loss, (list, tuple)):
+        return ("list",) + tuple(_loss_key(v, identity) for v in loss)
+    module = type(loss).__module__
+    wrapped = getattr(loss, "fn", None)  # LossFunctionWrapper: a user's function is known only by identity
+    keras_only = all(getattr(t, "__module__", "keras").split(".")[0] in ("keras", "tf_keras") for t in (loss, wrapped)
+                     if t is not None)
+    if callable(getattr(loss, "get_config", None)) and module.split(".")[0] in ("keras", "tf_keras") and keras_only:
+        # A built-in Keras loss: its class and config determine what it computes.
+        return ("keras", module, type(loss).__qualname__, repr(sorted(loss.get_config().items())))
+    identity.append(loss)
+    return ("object", len(identity) - 1)
 
 
 def _per_example(losses):

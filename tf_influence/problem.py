@@ -126,6 +126,18 @@ class Problem:
         self.data_fingerprint()
         return list(self._data_fingerprint[1])
 
+    def compiled_key(self):
+        """`(identity, options)` of the traced graphs of this problem's objective and variables.
+
+        For `tf_influence.compiled.shared_function`: the objective's key (model, loss, training,
+        l2), the selected variables and the strategy by identity, and the parameter dtype. Equal for
+        two problems built from the same model, loss and variables, whatever their data.
+        """
+        identity, options = self.objective.compiled_key()
+        identity = identity + list(self.variables) + list(self.tf_variables) + (
+            [self.strategy] if self.strategy is not None else [])
+        return identity, options + (len(self.variables), self.space.dtype.name)
+
     def settings_fingerprint(self):
         """What the objective is, besides weights and data: loss, l2, training flag, selected variables."""
         objective = self.objective

@@ -27,10 +27,13 @@ over examples) are accumulated in `dtype` (float64 by default), which the direct
 A float32 model gives its float32 curvature accumulated in float64.
 """
 
+import contextlib
+
 import numpy as np
 import tensorflow as tf
 
 from tf_influence import arguments
+from tf_influence.compiled import shared_function
 from tf_influence.data import first_batch
 from tf_influence.errors import InputError
 from tf_influence.normalization import exact_second_derivatives
@@ -150,8 +153,7 @@ def dense_curvature(objective, tf_vars, variables, space, dataset, *, curvature=
     if curvature == "hessian":
         # Traced inside the patch, as curvature/products.py does: TensorFlow's own second derivatives
         # through LayerNormalization, GroupNormalization and training-mode BatchNormalization are wrong.
-        with exact_second_derivatives(objective.model):
-            result = _hessian_array(objective, tf_vars, space, dataset, chunk_size, memory_budget, dtype)
+        result = _hessian_array(objective, tf_vars, space, dataset, chunk_size, memory_budget, dtype, exact=True)
     else:
         result = _gauss_newton_array(objective, tf_vars, space, dataset, gemm, memory_budget, dtype)
     if objective.has_weight_regularizers:  # ∇²Ω by pfor; without them ∇²Ω = l2·I exactly
@@ -173,8 +175,10 @@ def _gauss_newton_array(objective, tf_vars, space, dataset, gemm, memory_budget,
     p = space.size
     c = _output_size(objective, first_batch(dataset, "data")[0])
     sub_batch = max(1, int(memory_budget // (c * p * (3 * space.dtype.size + 8))))
-    factors = tf.function(lambda x, y, w: _gauss_newton_factors(objective, tf_vars, space, x, y, w),
-                          input_signature=_batch_signature(dataset))
+    builder = _Builder(objective, tf_vars, space)
+    factors = shared_function(_traced_gauss_newton_factors, builder, identity=builder.identity,
+                              options=builder.options, input_signature=_batch_signature(dataset),
+                              autograph=objective.needs_autograph)
     product = tf.function(lambda rows, signs: tf.matmul(rows, rows * signs[:, None], transpose_a=True),
                           input_signature=[tf.TensorSpec([None, p], space.dtype), tf.TensorSpec([None], space.dtype)])
     total = np.zeros((p, p), dtype.as_numpy_dtype, order="F") if gemm == "blas" else tf.zeros([p, p], dtype)
@@ -197,7 +201,7 @@ def _gauss_newton_array(objective, tf_vars, space, dataset, gemm, memory_budget,
     return total
 
 
-def _hessian_array(objective, tf_vars, space, dataset, chunk_size, memory_budget, dtype):
+def _hessian_array(objective, tf_vars, space, dataset, chunk_size, memory_budget, dtype, exact=False):
     dtype = tf.as_dtype(dtype)
     p = space.size
     if chunk_size is None:
@@ -205,24 +209,48 @@ def _hessian_array(objective, tf_vars, space, dataset, chunk_size, memory_budget
     else:
         chunk_size = arguments.positive_int(chunk_size, "chunk_size")
     int_spec = tf.TensorSpec([], tf.int32)
+    builder = _Builder(objective, tf_vars, space, exact)
+    batch_rows = shared_function(_traced_hessian_rows, builder, identity=builder.identity,
+                                 options=builder.options + (exact, dtype.name), autograph=objective.needs_autograph,
+                                 input_signature=[_batch_signature(dataset), int_spec, int_spec])
 
-    @tf.function(input_signature=[int_spec, int_spec])
     def rows(start, stop):
-        total = tf.zeros([stop - start, p], dtype)
-        weight = tf.zeros([], tf.float64)
-        # An iterator, not the dataset: see operators.HessianOperator._data_pass_fn.
-        for x, y, w in iter(dataset):
-            def loss(x=x, y=y, w=w):
-                return objective.weighted_loss_sum(x, y, w)
-
-            total += tf.cast(_jacobian_of_gradient(loss, tf_vars, space, start, stop), dtype)
-            weight += tf.reduce_sum(tf.cast(w, tf.float64))
-        return total, weight
+        # A Python loop over the batches around one traced per-batch function, shared by every builder
+        # of the same model, loss and variables (`tf_influence.compiled`): nothing captures the data set.
+        total, weight = None, 0.0
+        for batch in dataset:
+            block = tf.cast(batch_rows(batch, start, stop), dtype)
+            total = block if total is None else total + block
+            weight += float(tf.reduce_sum(tf.cast(batch[2], tf.float64)))
+        return (tf.zeros([stop - start, p], dtype) if total is None else total), weight
 
     result, weight = _assemble_rows(rows, p, int(chunk_size), dtype)
-    _check_weight(float(weight))
+    _check_weight(weight)
     result /= float(weight)
     return result
+
+
+class _Builder:
+    """The owner of the dense builder's shared traced functions: objective, variables and space."""
+
+    def __init__(self, objective, tf_vars, space, exact=False):
+        self.objective, self.tf_vars, self.space, self.exact = objective, list(tf_vars), space, exact
+        identity, options = objective.compiled_key()
+        self.identity = identity + self.tf_vars
+        self.options = options + (space.dtype.name,)
+
+
+def _traced_hessian_rows(builder, batch, start, stop):
+    """Rows `start:stop` of the Hessian of one batch's weighted loss sum (inside the exactness patch if asked)."""
+    x, y, w = batch
+    patch = exact_second_derivatives(builder.objective.model) if builder.exact else contextlib.nullcontext()
+    with patch:
+        return _jacobian_of_gradient(lambda: builder.objective.weighted_loss_sum(x, y, w), builder.tf_vars,
+                                     builder.space, start, stop)
+
+
+def _traced_gauss_newton_factors(builder, x, y, w):
+    return _gauss_newton_factors(builder.objective, builder.tf_vars, builder.space, x, y, w)
 
 
 def _regularizer_array(objective, tf_vars, variables, space, chunk_size, memory_budget, dtype):

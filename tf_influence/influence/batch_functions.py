@@ -20,6 +20,7 @@ whose `[m, p]` gradients fit in `memory_budget` bytes. One or few directions tak
 import tensorflow as tf
 
 from tf_influence import distribute as _distribute
+from tf_influence.compiled import shared_function
 from tf_influence.influence import gradients as _gradients
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes of per-example gradients formed at once
@@ -86,16 +87,35 @@ class BatchFunctions:
 
     def _compile(self, name, spec):
         problem = self.problem
-        body = {"gradients": _gradients.per_example_gradients, "forward_dots": _gradients.gradient_dot}[name]
-
-        def per_batch(batch, *args):
-            self.traces[name] += 1  # Python side effect: runs once per trace
-            return body(self.objective, problem.tf_variables, problem.space, batch, *args)
-
         signature = [spec]
         if name != "gradients":
             signature.append(tf.TensorSpec([None, problem.space.size], problem.space.dtype))
-        if problem.strategy is None:
-            return tf.function(per_batch, input_signature=signature)
-        return tf.function(lambda batch, *args: _distribute.batch_rows(problem.strategy, per_batch, batch, *args),
-                           input_signature=signature)
+        # Shared by every BatchFunctions of the same model, loss, variables and batch structure
+        # (`tf_influence.compiled`); a measured objective is its own (identity).
+        identity, options = problem.compiled_key()
+        if self.objective is not problem.objective:
+            identity = identity + [self.objective]
+        traced = {"gradients": _traced_gradients, "forward_dots": _traced_forward_dots}[name]
+        return shared_function(traced, self, identity=identity, options=options, input_signature=signature,
+                               autograph=problem.objective.needs_autograph)
+
+
+def _traced_gradients(functions, batch):
+    functions.traces["gradients"] += 1  # Python side effect: runs once per trace
+    return _per_batch(functions, _gradients.per_example_gradients, batch)
+
+
+def _traced_forward_dots(functions, batch, directions):
+    functions.traces["forward_dots"] += 1
+    return _per_batch(functions, _gradients.gradient_dot, batch, directions)
+
+
+def _per_batch(functions, body, batch, *args):
+    problem = functions.problem
+
+    def per_example(batch, *args):
+        return body(functions.objective, problem.tf_variables, problem.space, batch, *args)
+
+    if problem.strategy is None:
+        return per_example(batch, *args)
+    return _distribute.batch_rows(problem.strategy, per_example, batch, *args)

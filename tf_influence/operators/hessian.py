@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from tf_influence import arguments
 from tf_influence import distribute as _distribute
+from tf_influence.compiled import shared_function
 from tf_influence.curvature import dense as _dense
 from tf_influence.curvature import products as _products
 from tf_influence.data import batch_spec, first_batch
@@ -126,10 +127,15 @@ class HessianOperator(RowsOperator):
         # compile dataset iteration, so only the per-batch product is jit-compiled).
         # Input signatures: one trace for every batch size and number of rows (no retracing); one row
         # has its own (unvectorised) trace, made only when used: same rounding as a plain product.
+        # Shared with every operator of the same model, loss, variables and options
+        # (`tf_influence.compiled`): a second operator traces nothing.
+        identity, options = problem.compiled_key()
         self._batch_products = {
-            k: tf.function(self._batch_product_fn, jit_compile=jit_compile, input_signature=[
-                batch_spec(problem.dataset),
-                [tf.TensorSpec([k, *shape], problem.space.dtype) for shape in problem.space.shapes]])
+            k: shared_function(_batch_product_of, self, identity=identity,
+                               options=options + (curvature, mode, step, k), jit_compile=jit_compile,
+                               autograph=problem.objective.needs_autograph,
+                               input_signature=[batch_spec(problem.dataset), [
+                                   tf.TensorSpec([k, *shape], problem.space.dtype) for shape in problem.space.shapes]])
             for k in (1, None)}
         if problem.strategy is not None:
             self.data_pass = tf.function(self._distributed_data_pass_fn)
@@ -415,3 +421,8 @@ class HessianOperator(RowsOperator):
             for var, orig in zip(tf_vars, originals):
                 var.assign(orig)
         return tf.stack(results)
+
+
+def _batch_product_of(operator, batch, tangents):
+    """The traced per-batch product of `operator` (shared by equivalent operators, see `tf_influence.compiled`)."""
+    return operator._batch_product_fn(batch, tangents)
