@@ -55,25 +55,21 @@ class RowsOperator(tf.linalg.LinearOperator):
     # -- tf.linalg.LinearOperator interface ---------------------------------------------------
 
     # NumPy arrays and lists are converted to the operator's dtype (a float64 NumPy vector for a
-    # float32 model); tensors keep tf.linalg's dtype check.
+    # float32 model); tensors and operators keep tf.linalg's own handling and dtype check.
     def matvec(self, x, adjoint=False, name="matvec"):
         return super().matvec(self._converted(x), adjoint=adjoint, name=name)
 
     def matmul(self, x, adjoint=False, adjoint_arg=False, name="matmul"):
-        if isinstance(x, tf.linalg.LinearOperator):
-            return super().matmul(x, adjoint=adjoint, adjoint_arg=adjoint_arg, name=name)
         return super().matmul(self._converted(x), adjoint=adjoint, adjoint_arg=adjoint_arg, name=name)
 
     def solvevec(self, rhs, adjoint=False, name="solve"):
         return super().solvevec(self._converted(rhs), adjoint=adjoint, name=name)
 
     def solve(self, rhs, adjoint=False, adjoint_arg=False, name="solve"):
-        if isinstance(rhs, tf.linalg.LinearOperator):
-            return super().solve(rhs, adjoint=adjoint, adjoint_arg=adjoint_arg, name=name)
         return super().solve(self._converted(rhs), adjoint=adjoint, adjoint_arg=adjoint_arg, name=name)
 
     def _converted(self, x):
-        if tf.is_tensor(x) or isinstance(x, tf.Variable):
+        if tf.is_tensor(x) or isinstance(x, (tf.Variable, tf.linalg.LinearOperator)):
             return x
         return tf.convert_to_tensor(np.asarray(x), dtype=self.dtype)
 
