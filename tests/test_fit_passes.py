@@ -5,6 +5,7 @@ import gc
 import weakref
 
 import keras
+from keras.src.losses.losses import LossFunctionWrapper
 import numpy as np
 import pytest
 
@@ -52,6 +53,21 @@ def test_a_different_loss_gets_its_own_passes(float64, rng):
     probabilities = fit_factors(
         tfi.Problem(model, keras.losses.SparseCategoricalCrossentropy(from_logits=False), data), method="kfac",
         fisher="ggn")
+    assert len(_passes.cached_passes(model)) == 2
+    assert not np.allclose(logits.layers[1].eig_s.numpy(), probabilities.layers[1].eig_s.numpy())
+
+
+def test_user_functions_of_the_same_name_in_a_keras_wrapper_get_their_own_passes(float64, rng):
+    """A Keras LossFunctionWrapper's config names its function only: two functions called `loss` differ."""
+    def make(from_logits):
+        def loss(y_true, y_pred):
+            return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=from_logits)
+        return LossFunctionWrapper(loss)  # what Keras wraps a loss function in (not exported publicly)
+
+    model = models.mlp()
+    data = _data(rng)
+    logits = fit_factors(tfi.Problem(model, make(True), data), method="kfac", fisher="ggn")
+    probabilities = fit_factors(tfi.Problem(model, make(False), data), method="kfac", fisher="ggn")
     assert len(_passes.cached_passes(model)) == 2
     assert not np.allclose(logits.layers[1].eig_s.numpy(), probabilities.layers[1].eig_s.numpy())
 

@@ -16,6 +16,7 @@ Per pass, the batch statistics are summed on the device and checked for NaN/Inf 
 
 import contextlib
 import dataclasses
+import inspect
 import weakref
 
 import tensorflow as tf
@@ -164,28 +165,21 @@ def _same_blocks(cached, blocks):
 
 
 def objective_key(objective):
-    """A hashable key equal for objectives whose per-example losses and outputs are computed alike
-    (the same loss and `training` flag; the model is the cache's key), or None when that is unknown.
+    """A hashable key equal for objectives whose per-example losses and outputs are computed alike (the
+    model is the cache's own key), or None when none can be made safely.
 
-    Loss names and Keras' own loss classes compare by configuration; other callables by identity
-    (the same function object); containers (per-output losses) are not compared.
+    It is `Objective.compiled_key()` (the one description of what a traced graph depends on: the loss
+    by name or Keras config where that describes it, else by identity; the training flag, ...), with
+    the objects known only by identity held by weak reference, so that the key keeps nothing alive
+    and a dead object's reused `id()` never matches.
     """
-    loss = _loss_key(objective.loss)
-    return None if loss is None else (loss, bool(objective.training))
-
-
-def _loss_key(loss):
-    if isinstance(loss, str):
-        return ("name", loss)
-    if hasattr(loss, "call") and hasattr(loss, "get_config") and type(loss).__module__.startswith("keras."):
-        try:
-            return ("keras", type(loss), repr(sorted(loss.get_config().items())))
-        except (NotImplementedError, TypeError, AttributeError):
-            return None
-    if callable(loss) and getattr(loss, "__self__", None) is None:  # not a bound method (of the model)
-        try:
-            hash(loss)
-        except TypeError:
-            return None
-        return ("callable", loss)
-    return None
+    identity, options = objective.compiled_key()
+    others = identity[1:]  # identity[0] is the model
+    if any(inspect.ismethod(o) for o in others):  # a bound method is a new object on every access
+        return None
+    try:
+        key = (options, tuple(weakref.ref(o) for o in others))
+        hash(key)
+    except TypeError:  # not weak-referenceable, or not hashable
+        return None
+    return key
