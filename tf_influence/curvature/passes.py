@@ -47,16 +47,36 @@ def fit_passes(objective, blocks, settings, *, strategy=None, num_targets):
       >>> sums, total_weight, count = passes.first_pass(problem.objective, problem.dataset)
     """
     settings = dataclasses.replace(settings, method="ekfac")  # both methods share the first pass
+    return shared_for_model(
+        _CACHE, objective, blocks, (settings, num_targets, None if strategy is None else id(strategy)),
+        lambda: FitPasses(blocks, settings, strategy=strategy, num_targets=num_targets),
+        valid=lambda passes: passes.strategy is strategy)
+
+
+def shared_for_model(cache, objective, blocks, key, build, *, valid=None):
+    """The object `build()` made for an equal key on the same model, or a new one (then cached).
+
+    The key is `objective_key(objective)`, the selected variables of `blocks` and `key`; an entry is
+    reused only if its `.blocks` are the same layers and variables (and `valid(entry)`, if given). When
+    the objective has no safe key, `build()` serves this call only.
+
+    Args:
+      cache: a `weakref.WeakKeyDictionary` model -> {key: entry} (entries go with their model).
+      objective: the `Objective` (its model is the cache key).
+      blocks: the `LayerBlock`s the entry is built for.
+      key: hashable settings the entry depends on.
+      build: makes a new entry (with a `.blocks` attribute).
+      valid: optional check of a found entry (e.g. the same strategy object).
+    """
     loss_key = objective_key(objective)
-    if loss_key is None:  # a loss we cannot compare safely: compile for this fit only
-        return FitPasses(blocks, settings, strategy=strategy, num_targets=num_targets)
-    variables = tuple(id(v) for block in blocks for v in block.variables)
-    key = (loss_key, variables, settings, num_targets, None if strategy is None else id(strategy))
-    entries = _CACHE.setdefault(objective.model, {})
-    passes = entries.get(key)
-    if passes is None or passes.strategy is not strategy or not _same_blocks(passes.blocks, blocks):
-        passes = entries[key] = FitPasses(blocks, settings, strategy=strategy, num_targets=num_targets)
-    return passes
+    if loss_key is None:
+        return build()
+    key = (loss_key, tuple(id(v) for block in blocks for v in block.variables), key)
+    entries = cache.setdefault(objective.model, {})
+    entry = entries.get(key)
+    if entry is None or not _same_blocks(entry.blocks, blocks) or (valid is not None and not valid(entry)):
+        entry = entries[key] = build()
+    return entry
 
 
 def cached_passes(model):

@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence.curvature.layer_rows import layer_rows
-from tf_influence.curvature.passes import objective_key
+from tf_influence.curvature.passes import shared_for_model
 from tf_influence.data import as_dataset
 from tf_influence.errors import InputError
 from tf_influence.influence.batch_functions import DEFAULT_MEMORY_BUDGET
@@ -96,15 +96,7 @@ _CACHE = weakref.WeakKeyDictionary()  # model -> {key: ScoreFunctions}
 
 def score_functions(objective, blocks, dtype):
     """The compiled `ScoreFunctions` of `blocks` (shared by every call on the same model and settings)."""
-    key = objective_key(objective)
-    if key is None:
-        return ScoreFunctions(blocks, dtype)
-    key = (key, tuple(id(v) for block in blocks for v in block.variables), tf.as_dtype(dtype).name)
-    entries = _CACHE.setdefault(objective.model, {})
-    functions = entries.get(key)
-    if functions is None or any(a.layer is not b.layer for a, b in zip(functions.blocks, blocks)):
-        functions = entries[key] = ScoreFunctions(blocks, dtype)
-    return functions
+    return shared_for_model(_CACHE, objective, blocks, tf.as_dtype(dtype).name, lambda: ScoreFunctions(blocks, dtype))
 
 
 class ScoreFunctions:
@@ -198,15 +190,9 @@ _GRADIENT_CACHE = weakref.WeakKeyDictionary()  # model -> {key: RowGradients}
 
 
 def _row_gradient_functions(objective, blocks, space):
-    key = objective_key(objective)
-    if key is None:
-        return RowGradients(blocks, space)
-    key = (key, tuple(id(v) for v in space.variables), space.dtype.name)
-    entries = _GRADIENT_CACHE.setdefault(objective.model, {})
-    functions = entries.get(key)
-    if functions is None or any(a.layer is not b.layer for a, b in zip(functions.blocks, blocks)):
-        functions = entries[key] = RowGradients(blocks, space)
-    return functions
+    # The flat order of the gradients is the space's: part of the key beside the blocks' variables.
+    key = (tuple(id(v) for v in space.variables), space.dtype.name)
+    return shared_for_model(_GRADIENT_CACHE, objective, blocks, key, lambda: RowGradients(blocks, space))
 
 
 class RowGradients(ScoreFunctions):
