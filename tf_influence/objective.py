@@ -109,10 +109,10 @@ class Objective:
         losses = self.per_example_loss(y, self.outputs(x, values))
         return tf.reduce_sum(tf.cast(w, losses.dtype) * losses)
 
-    def regularization(self, variables):
-        """Ω(θ): the model's weight regularisers plus `(l2/2)·‖θ‖²` over `variables`."""
+    def regularization(self, variables, *, l2=True):
+        """Ω(θ): the model's weight regularisers plus `(l2/2)·‖θ‖²` over `variables` (without it if `l2=False`)."""
         terms = [tf.cast(t, variables[0].dtype) for t in _weight_regularization(self.model)]
-        if self.l2:
+        if self.l2 and l2:
             terms.append(0.5 * self.l2 * tf.add_n([tf.reduce_sum(tf.square(v)) for v in variables]))
         if not terms:
             return tf.constant(0.0, dtype=variables[0].dtype)

@@ -137,6 +137,9 @@ class HessianOperator(RowsOperator):
                                input_signature=[batch_spec(problem.dataset), [
                                    tf.TensorSpec([k, *shape], problem.space.dtype) for shape in problem.space.shapes]])
             for k in (1, None)}
+        self._regularizer_products = shared_function(
+            _regularizer_product_of, self, identity=identity, options=options,
+            input_signature=[tf.TensorSpec([None, problem.space.size], problem.space.dtype)])
         if problem.strategy is not None:
             self.data_pass = tf.function(self._distributed_data_pass_fn)
             self._gradient_pass = tf.function(self._distributed_gradient_pass_fn)
@@ -383,10 +386,13 @@ class HessianOperator(RowsOperator):
 
     def _regularizer_product(self, rows):
         objective = self.problem.objective
-        if not objective.l2 and not objective.has_weight_regularizers:
-            return tf.zeros_like(rows)
+        if objective.has_weight_regularizers:  # differentiated: compiled once, not retraced per eager call
+            return self._regularizer_products(rows)
+        return objective.l2 * rows if objective.l2 else tf.zeros_like(rows)
+
+    def _regularizer_product_fn(self, rows):
         products = _products.regularizer_curvature_product(
-            objective, self.problem.tf_variables, self.problem.variables, self.space.unflatten(rows))
+            self.problem.objective, self.problem.tf_variables, self.problem.variables, self.space.unflatten(rows))
         return self.space.flatten(products, batch_dims=1)
 
     def _regularizer_gradient(self):
@@ -426,3 +432,8 @@ class HessianOperator(RowsOperator):
 def _batch_product_of(operator, batch, tangents):
     """The traced per-batch product of `operator` (shared by equivalent operators, see `tf_influence.compiled`)."""
     return operator._batch_product_fn(batch, tangents)
+
+
+def _regularizer_product_of(operator, rows):
+    """The traced product of the model's weight regularisers and l2 (shared like `_batch_product_of`)."""
+    return operator._regularizer_product_fn(rows)
