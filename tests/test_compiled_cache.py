@@ -104,7 +104,7 @@ def test_other_variables_loss_or_mode_get_their_own_functions(float64, rng):
     assert helpers.relative_error(other, _exact_scores(model, train, test, 2.0, loss=squared_logits)[0]) < 1e-9
 
     before = compiled.trace_count()
-    back = _influence(model, train, "cg", damping=2.0, mode="back_over_back").scores(test)
+    back = _influence(model, train, "cg", damping=2.0, mode="forward_over_back").scores(test)  # not the default
     assert compiled.trace_count() > before
     assert helpers.relative_error(back, _exact_scores(model, train, test, 2.0)[0]) < 1e-9
 

@@ -44,7 +44,7 @@ class HVPCheck:
         return line + ("OK" if self.ok else "WRONG")
 
 
-def check_hvp(model, loss=None, data=None, variables=None, *, mode="forward_over_back",
+def check_hvp(model, loss=None, data=None, variables=None, *, mode="back_over_back",
               num_vectors=3, seed=0, step=None, tolerance=None, max_step_reductions=None,
               **operator_options):
     """Compares `mode`'s Hessian-vector products with central finite differences.

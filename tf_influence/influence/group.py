@@ -154,7 +154,7 @@ def _check_groups(groups, n):
 
 def _check_curvature(influence):
     source = influence.source
-    mode = source.hessian_options.get("mode", "forward_over_back")
+    mode = source.hessian_options.get("mode", "back_over_back")
     if source.curvature == "hessian":
         if mode == "finite_difference":
             raise InputError("The second-order group influence needs curvature products of each group; "
@@ -207,7 +207,7 @@ def _compiled_gradient_sum(influence):
 def _compiled_curvature(influence):
     """`fn(batch, v) -> [p]`: `Σᵢ wᵢ Cᵢ v` over a batch, C the Influence's curvature (Hessian or GGN)."""
     problem, source = influence.problem, influence.source
-    mode = source.hessian_options.get("mode", "forward_over_back")
+    mode = source.hessian_options.get("mode", "back_over_back")
     space = problem.space
 
     def product(batch, vector):

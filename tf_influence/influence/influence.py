@@ -62,7 +62,7 @@ class Influence:
       l2: extra `(l2/2)·‖θ‖²` in the objective (use the weight decay the model was trained with).
       curvature: `"hessian"` or `"gauss_newton"` (PSD; safer for non-convex models).
       batch_size: batch size for array data.
-      mode: HVP mode (`"forward_over_back"`, `"back_over_back"`, `"finite_difference"`).
+      mode: HVP mode (`"back_over_back"`, the default, `"forward_over_back"`, `"finite_difference"`).
       training: `training` flag the model is called with.
       progress: show progress bars on long loops (also the method's own, e.g. LiSSA's, unless its
         `progress` option was set).
@@ -96,7 +96,7 @@ class Influence:
     """
 
     def __init__(self, model, loss, train, *, variables=None, method="auto", damping=None, l2=0.0,
-                 curvature="hessian", batch_size=None, mode="forward_over_back", training=False,
+                 curvature="hessian", batch_size=None, mode="back_over_back", training=False,
                  progress=True, strategy=None, jit_compile=False, on_unsafe_layers="raise", loss_weights=None,
                  measurement=None, **method_options):
         arguments.one_of(on_unsafe_layers, "on_unsafe_layers", ("raise", "warn", "ignore"))

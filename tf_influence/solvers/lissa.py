@@ -102,7 +102,7 @@ def lissa(operator, b, *, scale, batch_size, recursion_depth, num_samples=1, see
             raise InputError(
                 "lissa minibatches need per-batch curvature products, which mode='finite_difference' on a "
                 "tf-keras model does not have (it assigns the variables over the whole data set). Use "
-                "operator.with_options(mode='forward_over_back'), a Keras 3 model, or batch_size=None."
+                "operator.with_options(mode='back_over_back'), a Keras 3 model, or batch_size=None."
             )
         minibatches = operator.minibatches(batch_size=batch_size, sampling=sampling, seed=seed)
         batch_size = minibatches.batch_size
