@@ -6,7 +6,10 @@ seen), never shares with another model, loss or variable selection, and the cach
 Every result is checked against a dense float64 solve with a Hessian from nested tapes.
 """
 
+import collections
+import functools
 import gc
+import importlib
 import weakref
 
 import keras
@@ -69,6 +72,33 @@ def test_second_influence_traces_no_shared_function(float64, rng, method):
     assert helpers.relative_error(scores, exact) < tolerance
     exact_self = np.einsum("ij,ji->i", g_train, np.linalg.solve(h + 2 * DAMPING * np.eye(len(h)), g_train.T))
     assert helpers.relative_error(self_influence, exact_self) < tolerance
+
+
+@pytest.mark.parametrize("solver", ["cg", "block_cg"])
+def test_cg_loop_is_shared_by_operators_with_other_data_and_damping(float64, rng, solver, monkeypatch):
+    model = models.mlp()
+    module = importlib.import_module(f"tf_influence.solvers.{solver}")
+    traced = collections.Counter()
+
+    def counting(name, function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            traced[name] += 1  # runs once per trace
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(module, "_loop", counting("loop", module._loop))
+    monkeypatch.setattr(tfi.HessianOperator, "_data_pass_fn", counting("pass", tfi.HessianOperator._data_pass_fn))
+    first_train, other_train = _data(rng), _data(rng, n=31)  # other examples, another partial last batch
+    b = rng.standard_normal((3, sum(int(np.prod(v.shape)) for v in model.trainable_variables)))
+    module.__dict__[solver](tfi.HessianOperator(model, _sce(), first_train, damping=DAMPING, batch_size=10), b,
+                            tol=1e-10)
+    assert traced == {"loop": 1, "pass": 1}
+    operator = tfi.HessianOperator(model, _sce(), other_train, damping=3.0, batch_size=10)
+    x, _ = module.__dict__[solver](operator, b, tol=1e-10)
+    assert traced == {"loop": 1, "pass": 1}  # the second operator traces neither
+    h = helpers.dense_hessian(model, _sce(), *other_train)
+    assert helpers.relative_error(x.numpy(), np.linalg.solve(h + 3.0 * np.eye(len(h)), b.T).T) < 1e-9
 
 
 def test_loss_name_resolved_afresh_shares_functions(float64, rng):

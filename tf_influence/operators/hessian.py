@@ -17,7 +17,7 @@ from tf_influence.errors import InputError, NotFiniteError, ResourceError, Secon
 from tf_influence.layers import batch_coupled_layers, looping_recurrent_layers
 from tf_influence.operators.damping import DampingChoice, lanczos_damping
 from tf_influence.operators.minibatch import MinibatchCurvature
-from tf_influence.operators.rows import RowsOperator
+from tf_influence.operators.rows import RowsOperator, TracedProduct
 from tf_influence.problem import Problem
 from tf_influence.traps import second_derivative_traps, trap_message
 
@@ -145,9 +145,14 @@ class HessianOperator(RowsOperator):
             self.data_pass = tf.function(self._distributed_data_pass_fn)
             self._gradient_pass = tf.function(self._distributed_gradient_pass_fn)
         else:
-            passes = {k: tf.function(self._data_pass_fn, input_signature=[
-                tf.TensorSpec([k, problem.space.size], problem.space.dtype)]) for k in (1, None)}
-            self.data_pass = lambda rows: passes[1 if rows.shape[0] == 1 else None](rows)
+            # The data set is an argument, so operators of the same model with other data share the pass.
+            passes = {k: shared_function(_data_pass_of, self, identity=identity,
+                                         options=options + (curvature, mode, step, jit_compile, k),
+                                         input_signature=[tf.TensorSpec([k, problem.space.size], problem.space.dtype),
+                                                          tf.data.DatasetSpec(problem.dataset.element_spec)])
+                      for k in (1, None)}
+            self._data_pass_over = lambda rows, dataset: passes[1 if rows.shape[0] == 1 else None](rows, dataset)
+            self.data_pass = lambda rows: self._data_pass_over(rows, problem.dataset)
             self._gradient_pass = tf.function(self._gradient_pass_fn)
             if jit_compile and self.has_batch_products:
                 self._check_xla_compiles(first_batch(problem.dataset, "data"))
@@ -250,11 +255,11 @@ class HessianOperator(RowsOperator):
                     "θ ± r·v without assigning, in any solver), or mode='forward_over_back' (exact through "
                     "normalisation layers except those tf_influence.normalization.inexact_layers lists).")
             result = self._finite_difference(rows)
+            result = result + self.damping * rows
+        elif self.problem.strategy is not None:
+            result = self._product(self.data_pass(rows), rows, self.damping)
         else:
-            total, weight = self.data_pass(rows)
-            total = tf.ensure_shape(total, rows.shape)  # the pass is traced for any number of rows
-            result = total / tf.cast(weight, self.dtype) + self._regularizer_product(rows)
-        result = result + self.damping * rows
+            result = self._product_over((self.problem.dataset, self.damping), rows)
         if tf.executing_eagerly() and not bool(tf.reduce_all(tf.math.is_finite(result))):
             raise NotFiniteError(
                 "The curvature product contains NaN/Inf. Check the data and the loss for NaN, and the "
@@ -330,13 +335,13 @@ class HessianOperator(RowsOperator):
     def _batch_product(self, batch, tangents):
         return self._batch_products[1 if tangents[0].shape[0] == 1 else None](batch, tangents)
 
-    def _data_pass_fn(self, rows):
+    def _data_pass_fn(self, rows, dataset):
         tangents = self.space.unflatten(rows)
         total = tf.zeros_like(rows)
         weight = tf.zeros([], dtype=tf.float64)
         # Iterating an iterator, not the dataset: AutoGraph turns `for b in dataset` into a
         # dataset reduce whose body TF re-instantiates and re-optimises on every call (~0.5 s).
-        for batch in iter(self.problem.dataset):
+        for batch in iter(dataset):
             total += self._batch_product(batch, tangents)
             weight += tf.cast(tf.reduce_sum(batch[2]), tf.float64)
         tf.debugging.assert_positive(weight, message="The data has zero total sample weight (or no examples).")
@@ -384,6 +389,26 @@ class HessianOperator(RowsOperator):
             total += self._batch_gradient(x, y, w)
             weight += tf.cast(tf.reduce_sum(w), tf.float64)
         return total, weight
+
+    def traced_product(self):
+        """This operator's product for compiled solver loops (`tf_influence.operators.rows.TracedProduct`):
+        the data set and damping are inputs, so every operator of the same model, loss, variables and
+        options shares a loop's trace; distributed and finite-difference tf-keras operators by identity."""
+        if self.problem.strategy is not None or not self.has_batch_products:
+            return TracedProduct.by_identity(self)
+        identity, options = self.problem.compiled_key()
+        return TracedProduct(identity, options + ("HessianOperator", self.curvature, self.mode, self.step,
+                                                  self.jit_compile),
+                             (self.problem.dataset, tf.constant(self.damping, self.dtype)), self._product_over)
+
+    def _product_over(self, inputs, rows):
+        dataset, damping = inputs
+        return self._product(self._data_pass_over(rows, dataset), rows, damping)
+
+    def _product(self, data_pass, rows, damping):
+        total, weight = data_pass
+        total = tf.ensure_shape(total, rows.shape)  # the pass is traced for any number of rows
+        return total / tf.cast(weight, self.dtype) + self._regularizer_product(rows) + damping * rows
 
     def _regularizer_product(self, rows):
         objective = self.problem.objective
@@ -433,6 +458,11 @@ class HessianOperator(RowsOperator):
 def _batch_product_of(operator, batch, tangents):
     """The traced per-batch product of `operator` (shared by equivalent operators, see `tf_influence.compiled`)."""
     return operator._batch_product_fn(batch, tangents)
+
+
+def _data_pass_of(operator, rows, dataset):
+    """The traced pass `(Σᵢ wᵢ Cᵢ rows, Σᵢ wᵢ)` over `dataset` (shared like `_batch_product_of`)."""
+    return operator._data_pass_fn(rows, dataset)
 
 
 def _regularizer_product_of(operator, rows):

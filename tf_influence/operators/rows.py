@@ -12,6 +12,8 @@ functions `matmul_rows(operator, rows)` and `solve_rows(...)` apply the same voc
 `tf.linalg.LinearOperator` (or a callable on rows), so solvers accept every kind of operator.
 """
 
+from typing import Any, Callable, NamedTuple
+
 import numpy as np
 import tensorflow as tf
 
@@ -113,6 +115,34 @@ def matmul_rows(operator, rows):
         "Expected a tf.linalg.LinearOperator (or a callable mapping rows [k, p] to rows [k, p]). "
         f"Received {type(operator).__name__}."
     )
+
+
+class TracedProduct(NamedTuple):
+    """An operator's product in the form a compiled solver loop shares across operators.
+
+    `matmul(inputs, rows)` is traceable and reads the operator's state only from `inputs` (a nest of
+    tensors and data sets: the training data, the damping) and from what `identity` (objects, by
+    identity) and `options` (hashable values) identify. Two operators with the same identity and
+    options are interchangeable in a traced loop: it is traced once and called with each one's inputs.
+    """
+    identity: list
+    options: tuple
+    inputs: Any
+    matmul: Callable
+
+    @classmethod
+    def by_identity(cls, operator):
+        """The operator itself as the key, no inputs: a loop traced for it serves only it."""
+        return cls([operator], (), (), lambda inputs, rows: matmul_rows(operator, rows))
+
+
+def traced_product(operator):
+    """`operator.traced_product()` where the operator offers one (`HessianOperator`), else the
+    operator by identity with no inputs (a loop traced for it serves only it)."""
+    method = getattr(operator, "traced_product", None)
+    if callable(method):
+        return method()
+    return TracedProduct.by_identity(operator)
 
 
 def operator_size(operator):

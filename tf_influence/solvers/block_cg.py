@@ -18,10 +18,9 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from tf_influence.operators.rows import matmul_rows
 from tf_influence.solvers.cg_common import (NEGATIVE_CURVATURE, NOT_FINITE, OK, PRECONDITIONER_NOT_PD,
                                             check_arguments, first_bad, loop_signature, raise_for_flag, solve_info)
-from tf_influence.solvers.rows import compiled, row_dot
+from tf_influence.solvers.rows import row_dot, shared_loop
 
 
 def block_cg(operator, b, *, x0=None, tol=1e-6, maxiter=None, preconditioner=None, jit_compile=False):
@@ -68,8 +67,8 @@ def block_cg(operator, b, *, x0=None, tol=1e-6, maxiter=None, preconditioner=Non
     start = time.perf_counter()
     rows, single, x0_rows, tol, maxiter = check_arguments(operator, b, x0, tol, maxiter, preconditioner,
                                                               jit_compile, name="block_cg")
-    loop = compiled([operator, preconditioner], ("block", bool(jit_compile), x0 is not None),
-                    lambda op_ref, m_ref: _build_loop(op_ref, m_ref, jit_compile, x0 is not None))
+    loop = shared_loop(_loop, [operator, preconditioner], loop_signature(operator), jit_compile=jit_compile,
+                       has_x0=x0 is not None)
     result = loop(rows, x0_rows, tf.constant(tol, rows.dtype), tf.constant(int(maxiter)))
     x, r_norm, iters_per_rhs, iterations, flag, bad_value, bad_row = (t.numpy() for t in result)
     where = (f"iteration {int(iterations)}" if int(bad_row) < 0 else
@@ -110,68 +109,62 @@ def _masked(rows, active):
     return tf.where(active[:, None], rows, tf.zeros_like(rows))
 
 
-def _build_loop(op_ref, m_ref, jit_compile, has_x0):
-    """The whole block CG iteration as one `tf.function` around a `tf.while_loop`."""
+def _loop(products, b, x0, tol, maxiter, *, has_x0):
+    """The whole block CG iteration as one `tf.while_loop` (traced by `shared_loop`); `products`: A and M."""
+    A, M = products
+    M = M or tf.identity
+    k = tf.shape(b)[0]  # dynamic: one trace for every number of right-hand sides
+    m = tf.minimum(k, b.shape[1])
+    zero = tf.zeros([], b.dtype)
+    threshold = tol * tf.norm(b, axis=-1)
+    r = b - A(x0) if has_x0 else b
+    z = M(r)
+    r_norm = tf.norm(r, axis=-1)
+    active = r_norm > threshold
+    rz = row_dot(r, z)
+    flag, bad_value, bad_row = first_bad(tf.constant(OK), zero, tf.constant(-1), active & ~(rz > 0), rz,
+                                         PRECONDITIONER_NOT_PD)
+    p_rows, keep = _search_block(z, active, m)
+    state = dict(i=tf.constant(0), x=x0, r=r, p=p_rows, keep=keep, r_norm=r_norm, active=active,
+                 iters=tf.zeros([k], tf.int32), flag=flag, bad_value=bad_value, bad_row=bad_row)
 
-    def loop(b, x0, tol, maxiter):
-        operator, preconditioner = op_ref(), m_ref()
-        A = lambda v: matmul_rows(operator, v)  # noqa: E731
-        M = (lambda r: matmul_rows(preconditioner, r)) if preconditioner is not None else tf.identity  # noqa: E731
-        k = tf.shape(b)[0]  # dynamic: one trace for every number of right-hand sides
-        m = tf.minimum(k, b.shape[1])
-        zero = tf.zeros([], b.dtype)
-        threshold = tol * tf.norm(b, axis=-1)
-        r = b - A(x0) if has_x0 else b
+    def cond(s):
+        return (s["i"] < maxiter) & tf.reduce_any(s["active"]) & tf.equal(s["flag"], OK)
+
+    def body(s):
+        p_rows, active = s["p"], s["active"]
+        w = A(p_rows)  # dropped (zero) rows give zero products
+        pap = tf.matmul(p_rows, w, transpose_b=True)
+        pap = 0.5 * (pap + tf.transpose(pap)) + tf.linalg.diag(tf.cast(~s["keep"], pap.dtype))
+        finite = tf.reduce_all(tf.math.is_finite(pap))
+        eigenvalues, vectors = tf.linalg.eigh(tf.where(finite, pap, tf.eye(m, dtype=pap.dtype)))
+        # P has orthonormal rows, so the eigenvalues of PᵀAP are Rayleigh quotients pᵀAp/‖p‖².
+        smallest = eigenvalues[0]
+        flag = tf.where(~finite, NOT_FINITE, tf.where(smallest <= 0, NEGATIVE_CURVATURE, OK))
+        bad_value = tf.where(finite, smallest, tf.constant(np.nan, pap.dtype))
+        ok = tf.equal(flag, OK)
+        inverse = tf.where(ok, 1.0 / tf.where(ok, eigenvalues, tf.ones_like(eigenvalues)), zero)
+
+        def pap_solve(rhs):  # (PᵀAP)⁻¹ rhs, rhs [m, k]
+            return tf.matmul(vectors, inverse[:, None] * tf.matmul(vectors, rhs, transpose_a=True))
+
+        # Converged right-hand sides are frozen (their columns of α are zero).
+        alpha = pap_solve(tf.matmul(p_rows, _masked(s["r"], active), transpose_b=True))  # [m, k]
+        x = s["x"] + tf.matmul(alpha, p_rows, transpose_a=True)
+        r = s["r"] - tf.matmul(alpha, w, transpose_a=True)
+        r_norm = tf.where(active, tf.norm(r, axis=-1), s["r_norm"])
+        still = active & (r_norm > threshold)
         z = M(r)
-        r_norm = tf.norm(r, axis=-1)
-        active = r_norm > threshold
         rz = row_dot(r, z)
-        flag, bad_value, bad_row = first_bad(tf.constant(OK), zero, tf.constant(-1), active & ~(rz > 0), rz,
+        flag, bad_value, bad_row = first_bad(flag, bad_value, tf.constant(-1), still & ~(rz > 0), rz,
                                              PRECONDITIONER_NOT_PD)
-        p_rows, keep = _search_block(z, active, m)
-        state = dict(i=tf.constant(0), x=x0, r=r, p=p_rows, keep=keep, r_norm=r_norm, active=active,
-                     iters=tf.zeros([k], tf.int32), flag=flag, bad_value=bad_value, bad_row=bad_row)
+        beta = -pap_solve(tf.matmul(w, _masked(z, still), transpose_b=True))  # new block A-orthogonal to P
+        p_new, keep = _search_block(z + tf.matmul(beta, p_rows, transpose_a=True), still, m)
+        return (dict(i=s["i"] + 1, x=x, r=r, p=p_new, keep=keep, r_norm=r_norm, active=still,
+                     iters=s["iters"] + tf.cast(active, tf.int32), flag=flag, bad_value=bad_value,
+                     bad_row=bad_row),)
 
-        def cond(s):
-            return (s["i"] < maxiter) & tf.reduce_any(s["active"]) & tf.equal(s["flag"], OK)
-
-        def body(s):
-            p_rows, active = s["p"], s["active"]
-            w = A(p_rows)  # dropped (zero) rows give zero products
-            pap = tf.matmul(p_rows, w, transpose_b=True)
-            pap = 0.5 * (pap + tf.transpose(pap)) + tf.linalg.diag(tf.cast(~s["keep"], pap.dtype))
-            finite = tf.reduce_all(tf.math.is_finite(pap))
-            eigenvalues, vectors = tf.linalg.eigh(tf.where(finite, pap, tf.eye(m, dtype=pap.dtype)))
-            # P has orthonormal rows, so the eigenvalues of PᵀAP are Rayleigh quotients pᵀAp/‖p‖².
-            smallest = eigenvalues[0]
-            flag = tf.where(~finite, NOT_FINITE, tf.where(smallest <= 0, NEGATIVE_CURVATURE, OK))
-            bad_value = tf.where(finite, smallest, tf.constant(np.nan, pap.dtype))
-            ok = tf.equal(flag, OK)
-            inverse = tf.where(ok, 1.0 / tf.where(ok, eigenvalues, tf.ones_like(eigenvalues)), zero)
-
-            def pap_solve(rhs):  # (PᵀAP)⁻¹ rhs, rhs [m, k]
-                return tf.matmul(vectors, inverse[:, None] * tf.matmul(vectors, rhs, transpose_a=True))
-
-            # Converged right-hand sides are frozen (their columns of α are zero).
-            alpha = pap_solve(tf.matmul(p_rows, _masked(s["r"], active), transpose_b=True))  # [m, k]
-            x = s["x"] + tf.matmul(alpha, p_rows, transpose_a=True)
-            r = s["r"] - tf.matmul(alpha, w, transpose_a=True)
-            r_norm = tf.where(active, tf.norm(r, axis=-1), s["r_norm"])
-            still = active & (r_norm > threshold)
-            z = M(r)
-            rz = row_dot(r, z)
-            flag, bad_value, bad_row = first_bad(flag, bad_value, tf.constant(-1), still & ~(rz > 0), rz,
-                                                 PRECONDITIONER_NOT_PD)
-            beta = -pap_solve(tf.matmul(w, _masked(z, still), transpose_b=True))  # new block A-orthogonal to P
-            p_new, keep = _search_block(z + tf.matmul(beta, p_rows, transpose_a=True), still, m)
-            return (dict(i=s["i"] + 1, x=x, r=r, p=p_new, keep=keep, r_norm=r_norm, active=still,
-                         iters=s["iters"] + tf.cast(active, tf.int32), flag=flag, bad_value=bad_value,
-                         bad_row=bad_row),)
-
-        (state,) = tf.while_loop(cond, body, (state,))
-        return (state["x"], state["r_norm"], state["iters"], state["i"], state["flag"], state["bad_value"],
-                state["bad_row"])
-
-    return tf.function(loop, jit_compile=bool(jit_compile), autograph=False,
-                       input_signature=loop_signature(op_ref()))
+    (state,) = tf.while_loop(cond, body, (state,))
+    return (state["x"], state["r_norm"], state["iters"], state["i"], state["flag"], state["bad_value"],
+            state["bad_row"])
 

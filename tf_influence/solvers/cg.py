@@ -8,12 +8,11 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence import arguments
-from tf_influence.operators.rows import matmul_rows
 from tf_influence.solvers.block_cg import block_cg
 from tf_influence.solvers.cg_common import (NEGATIVE_CURVATURE, NOT_FINITE, OK, PRECONDITIONER_NOT_PD,
                                             check_arguments, first_bad, loop_signature, raise_for_flag, solve_info)
 from tf_influence.solvers.method import Method, Prepared
-from tf_influence.solvers.rows import compiled, row_dot
+from tf_influence.solvers.rows import row_dot, shared_loop
 
 
 def cg(operator, b, *, x0=None, tol=1e-6, maxiter=None, preconditioner=None, jit_compile=False):
@@ -63,8 +62,8 @@ def cg(operator, b, *, x0=None, tol=1e-6, maxiter=None, preconditioner=None, jit
     start = time.perf_counter()
     rows, single, x0_rows, tol, maxiter = check_arguments(operator, b, x0, tol, maxiter, preconditioner, jit_compile)
 
-    loop = compiled([operator, preconditioner], (bool(jit_compile), x0 is not None),
-                    lambda op_ref, m_ref: _build_loop(op_ref, m_ref, jit_compile, x0 is not None))
+    loop = shared_loop(_loop, [operator, preconditioner], loop_signature(operator), jit_compile=jit_compile,
+                       has_x0=x0 is not None)
     result = loop(rows, x0_rows, tf.constant(tol, rows.dtype), tf.constant(int(maxiter)))
     x, r_norm, iters_per_rhs, iterations, flag, bad_value, bad_row = (t.numpy() for t in result)
     raise_for_flag(int(flag), float(bad_value), f"right-hand side {int(bad_row)}, iteration {int(iterations)}",
@@ -74,68 +73,62 @@ def cg(operator, b, *, x0=None, tol=1e-6, maxiter=None, preconditioner=None, jit
     return (x[0] if single else x), info
 
 
-def _build_loop(op_ref, m_ref, jit_compile, has_x0):
-    """The whole CG iteration as one `tf.function` around a `tf.while_loop`."""
+def _loop(products, b, x0, tol, maxiter, *, has_x0):
+    """The whole CG iteration as one `tf.while_loop` (traced by `shared_loop`); `products`: A and M."""
+    A, M = products
+    M = M or tf.identity
+    k = tf.shape(b)[0]
+    zero = tf.zeros([], b.dtype)
+    tiny = tf.constant(np.finfo(b.dtype.as_numpy_dtype).tiny, b.dtype)
+    threshold = tol * tf.norm(b, axis=-1)
+    x = x0
+    r = b - A(x0) if has_x0 else b
+    z = M(r)
+    rho = row_dot(r, z)
+    r_norm = tf.norm(r, axis=-1)
+    active = r_norm > threshold
+    state = dict(
+        i=tf.constant(0), x=x, r=r, p=z, rho=rho, r_norm=r_norm, active=active,
+        iters=tf.zeros([k], tf.int32), flag=tf.constant(OK), bad_value=zero, bad_row=tf.constant(-1),
+    )
+    state["flag"], state["bad_value"], state["bad_row"] = first_bad(
+        state["flag"], zero, tf.constant(-1), active & ~(rho > 0), rho, PRECONDITIONER_NOT_PD)
 
-    def loop(b, x0, tol, maxiter):
-        operator, preconditioner = op_ref(), m_ref()
-        A = lambda v: matmul_rows(operator, v)  # noqa: E731
-        M = (lambda r: matmul_rows(preconditioner, r)) if preconditioner is not None else tf.identity  # noqa: E731
-        k = tf.shape(b)[0]
-        zero = tf.zeros([], b.dtype)
-        tiny = tf.constant(np.finfo(b.dtype.as_numpy_dtype).tiny, b.dtype)
-        threshold = tol * tf.norm(b, axis=-1)
-        x = x0
-        r = b - A(x0) if has_x0 else b
+    def cond(s):
+        return (s["i"] < maxiter) & tf.reduce_any(s["active"]) & tf.equal(s["flag"], OK)
+
+    def body(s):
+        active, p, rho = s["active"], s["p"], s["rho"]
+        w = A(p)
+        curvature = row_dot(p, w)
+        finite = tf.math.is_finite(curvature) & tf.reduce_all(tf.math.is_finite(w), axis=-1)
+        flag, bad_value, bad_row = first_bad(s["flag"], s["bad_value"], s["bad_row"],
+                                              active & ~finite, curvature, NOT_FINITE)
+        rayleigh = curvature / tf.maximum(row_dot(p, p), tiny)
+        flag, bad_value, bad_row = first_bad(flag, bad_value, bad_row,
+                                              active & finite & (curvature <= 0), rayleigh,
+                                              NEGATIVE_CURVATURE)
+        step = active & finite & (curvature > 0)
+        alpha = tf.where(step, rho / tf.where(step, curvature, tf.ones_like(curvature)), zero)
+        x = s["x"] + alpha[:, None] * p
+        r = s["r"] - alpha[:, None] * w
         z = M(r)
-        rho = row_dot(r, z)
-        r_norm = tf.norm(r, axis=-1)
-        active = r_norm > threshold
-        state = dict(
-            i=tf.constant(0), x=x, r=r, p=z, rho=rho, r_norm=r_norm, active=active,
-            iters=tf.zeros([k], tf.int32), flag=tf.constant(OK), bad_value=zero, bad_row=tf.constant(-1),
-        )
-        state["flag"], state["bad_value"], state["bad_row"] = first_bad(
-            state["flag"], zero, tf.constant(-1), active & ~(rho > 0), rho, PRECONDITIONER_NOT_PD)
+        rho_new = row_dot(r, z)
+        r_norm = tf.where(step, tf.norm(r, axis=-1), s["r_norm"])
+        still = step & (r_norm > threshold)
+        flag, bad_value, bad_row = first_bad(flag, bad_value, bad_row, still & ~(rho_new > 0), rho_new,
+                                              PRECONDITIONER_NOT_PD)
+        beta = tf.where(still, rho_new / tf.where(step, rho, tf.ones_like(rho)), zero)
+        p = tf.where(still[:, None], z + beta[:, None] * p, p)
+        return (dict(
+            i=s["i"] + 1, x=x, r=r, p=p, rho=tf.where(step, rho_new, rho), r_norm=r_norm,
+            active=still | active & ~step,
+            iters=s["iters"] + tf.cast(step, tf.int32), flag=flag, bad_value=bad_value, bad_row=bad_row,
+        ),)
 
-        def cond(s):
-            return (s["i"] < maxiter) & tf.reduce_any(s["active"]) & tf.equal(s["flag"], OK)
-
-        def body(s):
-            active, p, rho = s["active"], s["p"], s["rho"]
-            w = A(p)
-            curvature = row_dot(p, w)
-            finite = tf.math.is_finite(curvature) & tf.reduce_all(tf.math.is_finite(w), axis=-1)
-            flag, bad_value, bad_row = first_bad(s["flag"], s["bad_value"], s["bad_row"],
-                                                  active & ~finite, curvature, NOT_FINITE)
-            rayleigh = curvature / tf.maximum(row_dot(p, p), tiny)
-            flag, bad_value, bad_row = first_bad(flag, bad_value, bad_row,
-                                                  active & finite & (curvature <= 0), rayleigh,
-                                                  NEGATIVE_CURVATURE)
-            step = active & finite & (curvature > 0)
-            alpha = tf.where(step, rho / tf.where(step, curvature, tf.ones_like(curvature)), zero)
-            x = s["x"] + alpha[:, None] * p
-            r = s["r"] - alpha[:, None] * w
-            z = M(r)
-            rho_new = row_dot(r, z)
-            r_norm = tf.where(step, tf.norm(r, axis=-1), s["r_norm"])
-            still = step & (r_norm > threshold)
-            flag, bad_value, bad_row = first_bad(flag, bad_value, bad_row, still & ~(rho_new > 0), rho_new,
-                                                  PRECONDITIONER_NOT_PD)
-            beta = tf.where(still, rho_new / tf.where(step, rho, tf.ones_like(rho)), zero)
-            p = tf.where(still[:, None], z + beta[:, None] * p, p)
-            return (dict(
-                i=s["i"] + 1, x=x, r=r, p=p, rho=tf.where(step, rho_new, rho), r_norm=r_norm,
-                active=still | active & ~step,
-                iters=s["iters"] + tf.cast(step, tf.int32), flag=flag, bad_value=bad_value, bad_row=bad_row,
-            ),)
-
-        (state,) = tf.while_loop(cond, body, (state,))
-        return (state["x"], state["r_norm"], state["iters"], state["i"], state["flag"],
-                state["bad_value"], state["bad_row"])
-
-    return tf.function(loop, jit_compile=bool(jit_compile), autograph=False,
-                       input_signature=loop_signature(op_ref()))
+    (state,) = tf.while_loop(cond, body, (state,))
+    return (state["x"], state["r_norm"], state["iters"], state["i"], state["flag"],
+            state["bad_value"], state["bad_row"])
 
 
 @dataclasses.dataclass(frozen=True)

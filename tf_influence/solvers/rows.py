@@ -1,20 +1,17 @@
-"""Right-hand sides as rows, the relative residual, and the cache of compiled solver loops.
+"""Right-hand sides as rows, the relative residual, and compiled solver loops shared across operators.
 
 Every solver takes right-hand sides `b` as `[p]` or `[k, p]` (k vectors as rows), checks them with
 `as_rows`, and reports `relative_residuals` `‖A xᵢ − bᵢ‖ / ‖bᵢ‖` in its `SolveInfo`.
 """
 
-import collections
-import weakref
+import functools
 
 import numpy as np
 import tensorflow as tf
 
+from tf_influence.compiled import shared_function
 from tf_influence.errors import InputError
-from tf_influence.operators.rows import matmul_rows, operator_size
-
-_CACHE_SIZE = 16
-_compiled = collections.OrderedDict()
+from tf_influence.operators.rows import matmul_rows, operator_size, traced_product
 
 
 def as_rows(operator, b, name="b"):
@@ -56,30 +53,52 @@ def relative_residuals(operator, x, b):
     return relative_norms(np.linalg.norm(r, axis=-1), np.linalg.norm(np.asarray(b, dtype=np.float64), axis=-1))
 
 
-def compiled(objects, options, build):
-    """A compiled function for `objects` (operators, preconditioners) and hashable `options`.
+def shared_loop(loop, operators, signature, *, jit_compile=False, **options):
+    """A compiled solver loop, traced once for every call whose operators trace alike.
 
-    `build(*refs)` receives weak references to `objects` and returns a `tf.function`; the result
-    is kept in a small LRU cache so repeated solves with the same operator do not retrace. Weak
-    references keep the cache from holding models alive.
+    `loop(products, *args, **options)` is the traceable loop; `products[i](rows)` is the product of
+    `operators[i]` (None for a None operator, e.g. no preconditioner). Each operator enters through
+    its `traced_product` (`tf_influence.operators.rows`): a `HessianOperator` passes its data set and
+    damping as inputs, so a new operator of the same model, loss, variables and options (another
+    damping, other data, a new `Influence`) reuses the trace; any other operator is keyed by identity.
+    The trace is shared through `tf_influence.compiled.shared_function` (held weakly).
+
+    Args:
+      loop: a module-level function `loop(products, *args, **options)`.
+      operators: the operators the loop multiplies by (None allowed).
+      signature: the input signature of `args`.
+      jit_compile: compile the loop with XLA.
+      **options: hashable keyword arguments of the loop (flags such as `has_x0`); part of the key.
+
+    Returns:
+      `call(*args)`, running the loop with these operators' inputs.
     """
-    key = tuple(id(o) for o in objects) + tuple(options)
-    entry = _compiled.get(key)
-    if entry is not None and all(r() is o for r, o in zip(entry[0], objects)):
-        _compiled.move_to_end(key)
-        return entry[1]
-    refs = [_ref(o) for o in objects]
-    fn = build(*refs)
-    _compiled[key] = (refs, fn)
-    while len(_compiled) > _CACHE_SIZE:
-        _compiled.popitem(last=False)
-    return fn
+    return _SharedLoop(loop, [None if op is None else traced_product(op) for op in operators], options,
+                       list(signature), bool(jit_compile))
 
 
-def _ref(obj):
-    if obj is None:
-        return lambda: None
-    try:
-        return weakref.ref(obj)
-    except TypeError:  # not weak-referenceable (e.g. some builtins): hold it
-        return lambda: obj
+class _SharedLoop:
+    """A callable running one shared trace of `loop` with its operators' inputs (the trace's owner)."""
+
+    def __init__(self, loop, products, options, signature, jit_compile):
+        self.loop = loop
+        self.products = products
+        self.options = options
+        self.inputs = tuple(() if product is None else product.inputs for product in products)
+        identity = [obj for product in products if product is not None for obj in product.identity]
+        keys = tuple(None if product is None else (len(product.identity), product.options) for product in products)
+        self.function = shared_function(
+            _run_loop, self, identity=identity,
+            options=((loop.__module__, loop.__qualname__), keys, tuple(sorted(options.items()))),
+            input_signature=signature + [tf.nest.map_structure(tf.type_spec_from_value, self.inputs)],
+            jit_compile=jit_compile, autograph=False)
+
+    def __call__(self, *args):
+        return self.function(*args, self.inputs)
+
+
+def _run_loop(owner, *args):
+    *args, inputs = args
+    products = [None if product is None else functools.partial(product.matmul, given)
+                for product, given in zip(owner.products, inputs)]
+    return owner.loop(products, *args, **owner.options)
