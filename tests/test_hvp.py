@@ -141,7 +141,8 @@ def test_tf_keras_model(rng):
     x, y = models.classification_data(rng, n=25)
     loss = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     op = tfi.HessianOperator(model, loss, (x, y), batch_size=10)
-    H = dense_hessian(model, lambda yt, yp: tf_keras.losses.sparse_categorical_crossentropy(yt, yp, from_logits=True), x, y)
+    sce_tf_keras = lambda yt, yp: tf_keras.losses.sparse_categorical_crossentropy(yt, yp, from_logits=True)  # noqa: E731
+    H = dense_hessian(model, sce_tf_keras, x, y)
     assert relative_error(op.to_dense().numpy(), H) <= 1e-8
     by_name = tfi.HessianOperator(model, "sparse_categorical_crossentropy", (x, y))  # tf-keras losses.get
     with pytest.raises(AssertionError):  # from_logits=False differs: the name really was resolved

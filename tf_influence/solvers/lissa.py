@@ -223,7 +223,8 @@ def _raise_divergence(operator, s, norms, v_norm, step, depth, sample, num_sampl
             f"least that: use scale ≥ {rayleigh:.3g} (scale='auto' estimates it)." if rayleigh else
             " Use scale ≥ the largest eigenvalue (tfi.extreme_eigenvalues(operator).largest, or scale='auto').")
     if batch_size is not None and n is not None and batch_size < n:
-        hint += f" Minibatch curvature (batch_size={batch_size}) is noisier than the full one: a larger batch_size also helps."
+        hint += (f" Minibatch curvature (batch_size={batch_size}) is noisier than the full one: a larger "
+                 "batch_size also helps.")
     raise DivergenceError(f"{head} Raise scale.{hint}")
 
 
