@@ -126,7 +126,7 @@ class HessianOperator(RowsOperator):
                 raise SecondDerivativeError(trap_message(traps, mode))
             if traps and on_unsafe_layers == "warn":
                 warnings.warn(trap_message(traps, mode), stacklevel=2)
-        # `data_pass(rows) -> (Σᵢ wᵢ Cᵢ rows, Σᵢ wᵢ)`: one compiled pass over the data (XLA cannot
+        # The data pass `(rows[, dataset]) -> (Σᵢ wᵢ Cᵢ rows, Σᵢ wᵢ)`: one compiled pass over the data (XLA cannot
         # compile dataset iteration, so only the per-batch product is jit-compiled).
         # Input signatures: one trace for every batch size and number of rows (no retracing); one row
         # has its own (unvectorised) trace, made only when used: same rounding as a plain product.
@@ -154,7 +154,6 @@ class HessianOperator(RowsOperator):
                                                           tf.data.DatasetSpec(problem.dataset.element_spec)])
                       for k in (1, None)}
             self._data_pass_over = lambda rows, dataset: passes[1 if rows.shape[0] == 1 else None](rows, dataset)
-            self.data_pass = lambda rows: self._data_pass_over(rows, problem.dataset)
             self._gradient_pass = tf.function(self._gradient_pass_fn)
             if jit_compile and self.has_batch_products:
                 self._check_xla_compiles(first_batch(problem.dataset, "data"))
@@ -416,7 +415,7 @@ class HessianOperator(RowsOperator):
         objective = self.problem.objective
         if objective.has_weight_regularizers:  # differentiated: compiled once, not retraced per eager call
             return self._regularizer_products(rows)
-        return objective.l2 * rows if objective.l2 else tf.zeros_like(rows)
+        return self._regularizer_product_fn(rows)  # l2·I only: nothing to trace
 
     def _regularizer_product_fn(self, rows):
         products = _products.regularizer_curvature_product(
