@@ -47,7 +47,9 @@ def shared_function(python_function, owner, *, identity=(), options=(), **tf_fun
         `autograph`, `reduce_retracing`); part of the key.
 
     Returns:
-      `call(*args)`: runs the shared `tf.function` on `args` with `owner` as the traced owner.
+      `call(*args)`: runs the shared `tf.function` on `args` with `owner` as the traced owner;
+      `call.concrete_function(*specs)` returns its concrete function for `specs` (e.g. to inspect
+      the graph), tracing only a signature not seen before.
 
     Example:
       >>> def batch_loss(problem, x, y, w):
@@ -69,6 +71,11 @@ def shared_function(python_function, owner, *, identity=(), options=(), **tf_fun
         entry.owner = owner_ref
         return entry.function(*args)
 
+    def concrete_function(*specs):
+        entry.owner = owner_ref
+        return entry.function.get_concrete_function(*specs)
+
+    call.concrete_function = concrete_function  # traced once per signature, like a call
     return call
 
 

@@ -204,12 +204,12 @@ def _gauss_newton_array(objective, tf_vars, space, dataset, gemm, memory_budget,
 def _hessian_array(objective, tf_vars, space, dataset, chunk_size, memory_budget, dtype, exact=False):
     dtype = tf.as_dtype(dtype)
     p = space.size
+    builder = _Builder(objective, tf_vars, space, exact)
     if chunk_size is None:
-        chunk_size = _rows_per_chunk(objective, tf_vars, space, dataset, memory_budget)
+        chunk_size = _rows_per_chunk(builder, dataset, memory_budget)
     else:
         chunk_size = arguments.positive_int(chunk_size, "chunk_size")
     int_spec = tf.TensorSpec([], tf.int32)
-    builder = _Builder(objective, tf_vars, space, exact)
     batch_rows = shared_function(_traced_hessian_rows, builder, identity=builder.identity,
                                  options=builder.options + (exact, dtype.name), autograph=objective.needs_autograph,
                                  input_signature=[_batch_signature(dataset), int_spec, int_spec])
@@ -256,6 +256,8 @@ def _traced_gauss_newton_factors(builder, x, y, w):
 def _regularizer_array(objective, tf_vars, variables, space, chunk_size, memory_budget, dtype):
     dtype = tf.as_dtype(dtype)
     p = space.size
+    if not objective.has_weight_regularizers:  # ∇²Ω = l2·I exactly: nothing to differentiate or trace
+        return float(objective.l2) * np.eye(p, dtype=dtype.as_numpy_dtype)
     if chunk_size is None:
         chunk_size = max(1, min(p, int(memory_budget // (4 * p * space.dtype.size))))
     int_spec = tf.TensorSpec([], tf.int32)
@@ -362,31 +364,39 @@ def _unflatten_outputs(flat, like):
 # -- Sizes, accumulation and small helpers --------------------------------------------------------
 
 
-def _rows_per_chunk(objective, tf_vars, space, dataset, memory_budget):
+def _rows_per_chunk(builder, dataset, memory_budget):
     """Hessian rows per chunk so that ~3 copies of the vectorised gradient graph fit the budget."""
-    per_example, fixed = _gradient_graph_entries(objective, tf_vars, dataset)
+    per_example, fixed = _gradient_graph_entries(builder, dataset)
     batch = int(tf.shape(first_batch(dataset, "data")[2])[0])
+    space = builder.space
     per_row = 3 * space.dtype.size * (batch * per_example + fixed) + 8 * space.size
     return int(max(1, min(256, space.size, memory_budget // per_row)))
 
 
-def _gradient_graph_entries(objective, tf_vars, dataset):
-    """Float entries of the gradient graph per example and fixed (from graphs of 1 and 2 examples)."""
+def _gradient_graph_entries(builder, dataset):
+    """Float entries of the gradient graph per example and fixed (from graphs of 1 and 2 examples).
 
-    def gradient(x, y, w):
-        with tf.GradientTape() as tape:
-            tape.watch(tf_vars)
-            loss = objective.weighted_loss_sum(x, y, w)
-        return tape.gradient(loss, tf_vars, unconnected_gradients=_ZERO)
+    The gradient is a shared function: a second builder of the same model, loss and variables
+    inspects the graphs already traced instead of tracing them again.
+    """
+    gradient = shared_function(_traced_gradient, builder, identity=builder.identity, options=builder.options,
+                               autograph=builder.objective.needs_autograph)
 
     def entries(n):
         specs = tf.nest.map_structure(lambda s: tf.TensorSpec([n, *s.shape[1:]], s.dtype), dataset.element_spec)
-        graph = tf.function(gradient).get_concrete_function(*specs).graph
+        graph = gradient.concrete_function(*specs).graph
         return sum(t.shape.num_elements() or 0 for op in graph.get_operations() for t in op.outputs
                    if t.dtype.is_floating)
 
     one, two = entries(1), entries(2)
     return max(two - one, 1), max(2 * one - two, 0)
+
+
+def _traced_gradient(builder, x, y, w):
+    with tf.GradientTape() as tape:
+        tape.watch(builder.tf_vars)
+        loss = builder.objective.weighted_loss_sum(x, y, w)
+    return tape.gradient(loss, builder.tf_vars, unconnected_gradients=_ZERO)
 
 
 def _output_size(objective, x):
