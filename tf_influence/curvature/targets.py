@@ -32,6 +32,8 @@ import tensorflow as tf
 from tf_influence import distribute
 from tf_influence.errors import InputError
 
+_ZERO = tf.UnconnectedGradients.ZERO
+
 FISHER_MODES = ("auto", "true", "empirical", "ggn")
 EXACT_MAX_OUTPUTS = 32
 
@@ -139,10 +141,15 @@ def _loss_gradient(objective, y, f):
 def _ggn_targets(objective, y, f):
     n = tf.shape(f)[0]
     k = output_entries(f)
-    with tf.GradientTape() as outer:
+    # Row c of every example's output Hessian is the gradient of Σ_i ∂ℓ_i/∂f_ic (examples are
+    # independent): k small backward passes, which trace far faster than a pfor batch_jacobian.
+    with tf.GradientTape(persistent=True) as outer:
         outer.watch(f)
-        grad = _loss_gradient(objective, y, f)
-    hessian = tf.reshape(outer.batch_jacobian(grad, f), [n, k, k])
+        grad = tf.reshape(_loss_gradient(objective, y, f), [n, k])
+        entries = [grad[:, c] for c in range(k)]
+    hessian = tf.stack([tf.reshape(outer.gradient(e, f, unconnected_gradients=_ZERO), [n, k]) for e in entries],
+                       axis=1)
+    del outer
     hessian = 0.5 * (hessian + tf.linalg.matrix_transpose(hessian))
     eigenvalues, eigenvectors = tf.linalg.eigh(hessian)
     us, weights = [], []
