@@ -476,7 +476,7 @@ def test_ekfac_beats_kfac_and_reduce_beats_expand_on_the_pooled_cnn(float64, dig
     assert pearson["ekfac", "reduce"] > pearson["ekfac", "expand"] + 0.02
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", pytest.param("cnn", marks=pytest.mark.slow)])  # cnn: 30 s
 def test_ekfac_preconditioner_reduces_cg_iterations(float64, kind):
     """CG on (G + λI) x = g_test with and without the EKFAC preconditioner, to tol 1e-6.
 

@@ -155,8 +155,13 @@ def _pearson(a, b):
     return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", list(FAMILIES))
+# One family per code path runs by default; the families whose path one of these already takes
+# (other convolutions, other normalisations, other recurrent cells, ...) are `slow`: `pytest -m slow`.
+DEFAULT_RUN = ("Dense", "Conv2D", "LayerNormalization", "MultiHeadAttention", "SimpleRNN")
+
+
+@pytest.mark.parametrize("family", [f if f in DEFAULT_RUN else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in FAMILIES])
 def test_layer_family_every_method(float64, rng, family):
     model, training = _model(family)
     for v in model.trainable_variables:

@@ -56,7 +56,6 @@ def _influence(model, train, training, method, **options):
                          progress=False, **options)
 
 
-@pytest.mark.slow
 def test_exact_influence_equals_the_twins_dense_solve(architecture):
     name, model, twin, train, test, training = architecture
     np.testing.assert_allclose(twin.logits(twin.params(twin.theta), tf.constant(train[0])).numpy(),
@@ -73,7 +72,6 @@ def test_exact_influence_equals_the_twins_dense_solve(architecture):
     assert error <= 1e-6, error
 
 
-@pytest.mark.slow
 def test_ekfac_covers_every_variable_and_tracks_the_gauss_newton_solve(architecture):
     name, model, _, train, test, training = architecture
     damping = 0.1

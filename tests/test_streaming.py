@@ -68,7 +68,6 @@ def test_resume_with_other_weights_is_refused(influence, tmp_path):
 MEMORY_SCRIPT = pathlib.Path(__file__).resolve().parent / "scripts" / "streaming_memory.py"
 
 
-@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_n_train(tmp_path):
     """Both sizes run at once in their own processes (each samples its own resident set, so running
     side by side changes no peak, and the second core is used while each imports TensorFlow). Output goes
