@@ -197,11 +197,12 @@ def large_rows(args, name, model, twin, data, reference, peers):
     batch = args.batch_size if pm.num_parameters(model) < 10_000 else args.large_batch
     damping = args.large_lambda
     runs = {("tf_influence", "float64"): tfi_run("ekfac", model, train, test, damping, batch_size=batch)}
-    if peers:
+    if peers and "kronfluence" in args.large_peers:
         kron = dict(batch_size=batch, query_batch_size=500)
         runs[("kronfluence", "float64")] = libs.kronfluence_run("ekfac", twin, train, test, damping, **kron)
         runs[("kronfluence", "float32 defaults")] = libs.kronfluence_run("ekfac", twin, train, test, damping,
                                                                          float64=False, **kron)
+    if peers and "pyDVL" in args.large_peers:
         runs[("pyDVL", "float64")] = libs.pydvl_run("ekfac", twin, train, test, damping, batch_size=batch,
                                                     score_chunk=batch)
     print(f"  {name}: EKFAC, {', '.join(f'{lib} ({precision})' for lib, precision in runs)} x {args.repeats} ...",
@@ -301,6 +302,8 @@ def parse(argv):
     parser.add_argument("--batch-size", type=int, default=1200, help="data batch of every library (small MLP)")
     parser.add_argument("--large-batch", type=int, default=400, help="data batch of every library (301k MLP)")
     parser.add_argument("--large-lambda", type=float, default=0.1)
+    parser.add_argument("--large-peers", nargs="*", choices=("kronfluence", "pyDVL"), default=["kronfluence", "pyDVL"],
+                        help="peers of the at-scale rows (pyDVL's float64 EKFAC takes longest there)")
     parser.add_argument("--lissa-scale", type=float, default=2.0)
     parser.add_argument("--lissa-batch", type=int, default=100)
     parser.add_argument("--threads", type=int, default=None,

@@ -170,7 +170,8 @@ def test_sampled_true_fisher_matches_exact_expectation(float64, rng, loss, outpu
                               keras.layers.Dense(outputs, activation=activation)])
     n = 200
     x = rng.standard_normal((n, 3))
-    y = {"mse": rng.standard_normal((n, 2))}.get(loss, rng.integers(0, 2, (n, outputs)) if outputs == 2 else rng.integers(0, 3, n))
+    labels = rng.integers(0, 2, (n, outputs)) if outputs == 2 else rng.integers(0, 3, n)
+    y = {"mse": rng.standard_normal((n, 2))}.get(loss, labels)
     if loss == "categorical_crossentropy":
         y = np.eye(3)[y]
     if activation == "softmax":  # the Gauss-Newton at the logits = the true Fisher; compare to a logits twin
@@ -233,7 +234,8 @@ def _conv_rows_by_hand(model, objective, x, y, padding, strides):
     a = np.concatenate([a, np.ones(a.shape[:2] + (1,))], axis=-1)
     x_t = tf.constant(x)
     with tf.GradientTape() as tape:
-        z = tf.nn.conv2d(x_t, conv.kernel.value, strides=[1, *conv.strides, 1], padding=padding.upper()) + conv.bias.value
+        z = tf.nn.conv2d(x_t, conv.kernel.value, strides=[1, *conv.strides, 1],
+                         padding=padding.upper()) + conv.bias.value
         tape.watch(z)
         h = tf.tanh(z)
         for layer in model.layers[1:]:
@@ -575,7 +577,8 @@ def test_save_and_load_round_trip_and_refusals(float64, rng, tmp_path):
     assert damping == 0.01 and loaded.settings == factors.settings and loaded.settings.weight_sharing == "reduce"
     np.testing.assert_array_equal(EKFACOperator(loaded, damping=damping).to_dense().numpy(),
                                   EKFACOperator(factors, damping=damping).to_dense().numpy())
-    with pytest.raises(tfi.InputError, match=r"fitted for variables \[.*head/bias', \[3\]\)\], but this .* give \[.*hidden/bias', \[5\]\)\]\. Pass the same"):
+    with pytest.raises(tfi.InputError, match=r"fitted for variables \[.*head/bias', \[3\]\)\], but this .* give "
+                                             r"\[.*hidden/bias', \[5\]\)\]\. Pass the same"):
         load_factors(tmp_path / "f", model, variables="hidden")
     other = _mlp()
     other.set_weights([w * 1.01 for w in model.get_weights()])
@@ -629,7 +632,8 @@ def test_nan_gradients_are_reported(float64, rng):
     (dict(fisher="exact"), r"fisher must be one of .*Received: fisher='exact'"),
     (dict(num_samples=0), r"num_samples must be a positive integer. Received: num_samples=0"),
     (dict(dtype="float16"), r"dtype must be one of \('float64', 'float32'\). Received: dtype='float16'"),
-    (dict(weight_sharing="sum"), r"weight_sharing must be one of \('expand', 'reduce'\). Received: weight_sharing='sum'"),
+    (dict(weight_sharing="sum"),
+     r"weight_sharing must be one of \('expand', 'reduce'\). Received: weight_sharing='sum'"),
 ])
 def test_bad_settings(float64, rng, options, message):
     model = _mlp()

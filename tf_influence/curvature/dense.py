@@ -36,6 +36,7 @@ from tf_influence import arguments
 from tf_influence.compiled import shared_function
 from tf_influence.data import first_batch
 from tf_influence.errors import InputError
+from tf_influence.linalg.host_blas import prefers_host_blas
 from tf_influence.normalization import exact_second_derivatives
 from tf_influence.params import densify
 
@@ -171,7 +172,7 @@ def _gauss_newton_array(objective, tf_vars, space, dataset, gemm, memory_budget,
     arguments.one_of(gemm, "gemm", GEMM_BACKENDS)
     dtype = tf.as_dtype(dtype)
     if gemm == "auto":
-        gemm = "blas" if dtype == tf.float64 and not tf.config.list_logical_devices("GPU") else "tensorflow"
+        gemm = "blas" if prefers_host_blas(dtype) else "tensorflow"
     p = space.size
     c = _output_size(objective, first_batch(dataset, "data")[0])
     sub_batch = max(1, int(memory_budget // (c * p * (3 * space.dtype.size + 8))))
@@ -368,17 +369,14 @@ def _rows_per_chunk(builder, dataset, memory_budget):
     """Hessian rows per chunk so that ~3 copies of the vectorised gradient graph fit the budget."""
     per_example, fixed = _gradient_graph_entries(builder, dataset)
     batch = int(tf.shape(first_batch(dataset, "data")[2])[0])
-    space = builder.space
-    per_row = 3 * space.dtype.size * (batch * per_example + fixed) + 8 * space.size
-    return int(max(1, min(256, space.size, memory_budget // per_row)))
+    p, itemsize = builder.space.size, builder.space.dtype.size
+    per_row = 3 * itemsize * (batch * per_example + fixed) + 8 * p
+    return int(max(1, min(256, p, memory_budget // per_row)))
 
 
 def _gradient_graph_entries(builder, dataset):
-    """Float entries of the gradient graph per example and fixed (from graphs of 1 and 2 examples).
-
-    The gradient is a shared function: a second builder of the same model, loss and variables
-    inspects the graphs already traced instead of tracing them again.
-    """
+    """Float entries of the gradient graph per example and fixed (from graphs of 1 and 2 examples), read
+    from a shared function's graphs: a second builder of the same model, loss and variables traces nothing."""
     gradient = shared_function(_traced_gradient, builder, identity=builder.identity, options=builder.options,
                                autograph=builder.objective.needs_autograph)
 

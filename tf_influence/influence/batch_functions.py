@@ -22,6 +22,7 @@ import tensorflow as tf
 from tf_influence import distribute as _distribute
 from tf_influence.compiled import shared_function
 from tf_influence.influence import gradients as _gradients
+from tf_influence.linalg.host_blas import matmul_transposed
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes of per-example gradients formed at once
 FORWARD_MAX_DIRECTIONS = 3  # up to this many directions, forward-mode products are cheaper
@@ -75,8 +76,8 @@ class BatchFunctions:
         fn = self._function("gradients", batch)
         m = int(tf.nest.flatten(batch)[0].shape[0])
         step = max(1, self.memory_budget // (self.problem.space.size * self.problem.space.dtype.size))
-        return tf.concat([tf.matmul(fn(tf.nest.map_structure(lambda t: t[start:start + step], batch)), directions,
-                                    transpose_b=True) for start in range(0, m, step)], axis=0)
+        return tf.concat([matmul_transposed(fn(tf.nest.map_structure(lambda t: t[start:start + step], batch)),
+                                            directions) for start in range(0, m, step)], axis=0)
 
     def _function(self, name, batch):
         spec = relaxed_spec(batch)

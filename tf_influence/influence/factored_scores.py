@@ -31,6 +31,7 @@ from tf_influence.data import as_dataset
 from tf_influence.errors import InputError
 from tf_influence.influence.batch_functions import DEFAULT_MEMORY_BUDGET
 from tf_influence.layers import batch_coupled_layers
+from tf_influence.linalg.host_blas import matmul_transposed
 from tf_influence.linalg.kronecker import join_layers
 
 DEFAULT_TEST_CHUNK = 128
@@ -182,7 +183,7 @@ class FactoredDots:
             for start in range(0, m, self.step):
                 cut = lambda t: t[start:start + self.step]  # noqa: E731
                 gradients = self.functions.gradients(tf.nest.map_structure(cut, x), tf.nest.map_structure(cut, y))
-                parts.append(tf.matmul(gradients, directions, transpose_b=True))
+                parts.append(matmul_transposed(gradients, directions))
         return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
 
 

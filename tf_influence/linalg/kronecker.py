@@ -30,7 +30,11 @@ Example:
 
 import typing
 
+import numpy as np
+
 import tensorflow as tf
+
+from tf_influence.linalg.host_blas import prefers_host_blas
 
 
 class LayerLayout(typing.NamedTuple):
@@ -114,7 +118,19 @@ def eigenbasis_product(matrices, q_a, q_s, scale):
         projected = tf.einsum("ngal,glb->ngab", projected, q_s) * scale
         back = tf.einsum("ngab,glb->ngal", projected, q_s)
         return back if q_a is None else tf.einsum("gka,ngal->ngkl", q_a, back)
+    if tf.executing_eagerly() and prefers_host_blas(matrices.dtype):  # ~2x faster (linalg/host_blas.py)
+        return tf.constant(_host_eigenbasis_product(*(None if t is None else np.asarray(t)
+                                                      for t in (matrices, q_a, q_s, scale))))
     projected = matrices if q_a is None else tf.einsum("ka,nkl->nal", q_a, matrices)
     projected = tf.einsum("nal,lb->nab", projected, q_s) * scale
     back = tf.einsum("nab,lb->nal", projected, q_s)
     return back if q_a is None else tf.einsum("ka,nal->nkl", q_a, back)
+
+
+def _host_eigenbasis_product(v, q_a, q_s, scale):
+    """`eigenbasis_product` of one group in NumPy: the right factors as one `[k·d_a, d_g]` matrix product."""
+    k, d_a, d_g = v.shape
+    w = (v.reshape(-1, d_g) @ q_s).reshape(k, d_a, d_g)
+    w = (w if q_a is None else np.matmul(q_a.T, w)) * scale
+    w = w if q_a is None else np.matmul(q_a, w)
+    return (w.reshape(-1, d_g) @ q_s.T).reshape(k, d_a, d_g)
