@@ -88,8 +88,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("depth, n, activation, loss_kind, bias", CASES,
-                         ids=[f"L{c[0]}-n{c[1]}-{c[2] if isinstance(c[2], str) else 'mixed'}-{c[3]}-{'bias' if c[4] else 'nobias'}"
-                              for c in CASES])
+                         ids=[f"L{c[0]}-n{c[1]}-{c[2] if isinstance(c[2], str) else 'mixed'}-{c[3]}-"
+                              f"{'bias' if c[4] else 'nobias'}" for c in CASES])
 def test_chain_solve_matches_dense_solve(float64, depth, n, activation, loss_kind, bias):
     rng = np.random.default_rng(depth * 100 + n)
     model = _chain(depth, activation=activation, bias=bias, final=_final(loss_kind))
@@ -289,7 +289,8 @@ def test_branching_model_is_refused(float64):
 
 def test_probability_loss_without_softmax_output_is_refused(float64):
     model = _chain(2)
-    with pytest.raises(UnsupportedLayerError, match="needs a softmax output activation; layer 'head' ends with 'linear'"):
+    with pytest.raises(UnsupportedLayerError,
+                       match="needs a softmax output activation; layer 'head' ends with 'linear'"):
         ChainHessian(model, "sparse_categorical_crossentropy", (np.ones((2, 3)), np.array([0, 1])))
 
 
@@ -303,7 +304,8 @@ def test_custom_loss_is_refused(float64):
 
 def test_l1_regularizer_is_refused(float64):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, kernel_regularizer="l1", name="d")])
-    with pytest.raises(UnsupportedLayerError, match=r"Layer 'd' has kernel_regularizer=L1.*L2 weight regularisers only"):
+    with pytest.raises(UnsupportedLayerError,
+                       match=r"Layer 'd' has kernel_regularizer=L1.*L2 weight regularisers only"):
         ChainHessian(model, "mse", (np.ones((2, 3)), np.ones((2, 2))))
 
 

@@ -31,7 +31,6 @@ Example:
 import typing
 
 import numpy as np
-
 import tensorflow as tf
 
 from tf_influence.linalg.host_blas import prefers_host_blas
