@@ -130,7 +130,10 @@ class Objective:
         return identity, options
 
     def validate(self, batch, name="data"):
-        """Checks one batch eagerly so that problems surface with a clear message, not deep in a graph."""
+        """Checks one batch eagerly so that problems surface with a clear message, not deep in a graph.
+
+        Returns the model's outputs on the batch (`check_model` can take them instead of a second pass).
+        """
         x, y, w = batch
         shapes = lambda s: tf.nest.map_structure(lambda t: tuple(t.shape), s)  # noqa: E731
         try:
@@ -183,8 +186,9 @@ class Objective:
         for t in tf.nest.flatten(x):
             if t.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(t))):
                 raise NotFiniteError(f"{name}: x contains NaN/Inf values; clean the data first.")
+        return outputs
 
-    def check_model(self, batch, name="data"):
+    def check_model(self, batch, name="data", *, outputs=None):
         """Warns (once, on one batch) where the numbers would silently not be what the user means.
 
         A `from_logits` setting that does not match the outputs, cross-entropy losses saturated to
@@ -192,7 +196,7 @@ class Objective:
         `tf_influence.loss_checks`. Returns the messages.
         """
         x, y, _ = batch
-        outputs = self.outputs(x)
+        outputs = self.outputs(x) if outputs is None else outputs  # `validate`'s, on the same batch
         messages = []
         if isinstance(self.loss_function, OutputLosses):
             parts = [(self.loss_function.losses[key], loss_name, fn, labels, output, None)

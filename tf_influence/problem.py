@@ -66,8 +66,8 @@ class Problem:
         self.batch_size = batch_size
         self.dataset = as_dataset(data, batch_size=batch_size, name=name)
         batch = first_batch(self.dataset, name)
-        self.objective.validate(batch, name)
-        self.warnings = self.objective.check_model(batch, name)
+        outputs = self.objective.validate(batch, name)
+        self.warnings = self.objective.check_model(batch, name, outputs=outputs)
         self.strategy = resolve_strategy(strategy)
         self._weights = None
         self._data_fingerprint = None
