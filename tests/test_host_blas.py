@@ -13,10 +13,11 @@ def _orthogonal(rng, n):
     return np.linalg.qr(rng.standard_normal((n, n)))[0]
 
 
-def test_host_blas_is_chosen_for_float64_without_a_gpu():
+def test_host_blas_is_chosen_for_eager_float64_without_a_gpu():
     no_gpu = not tf.config.list_logical_devices("GPU")
     assert prefers_host_blas(tf.float64) == no_gpu
     assert not prefers_host_blas(tf.float32)
+    assert not tf.function(lambda: tf.constant(prefers_host_blas(tf.float64)))()  # traced: TensorFlow's kernels
 
 
 @pytest.mark.parametrize("identity_a", [False, True])

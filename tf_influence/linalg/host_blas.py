@@ -13,8 +13,9 @@ import tensorflow as tf
 
 
 def prefers_host_blas(dtype):
-    """True for float64 on a machine without a GPU: the host BLAS multiplies faster than TensorFlow."""
-    return tf.as_dtype(dtype) == tf.float64 and not tf.config.list_logical_devices("GPU")
+    """True for eager float64 on a machine without a GPU: the host BLAS multiplies faster than TensorFlow
+    (inside a traced function the product must stay a TensorFlow op)."""
+    return tf.executing_eagerly() and tf.as_dtype(dtype) == tf.float64 and not tf.config.list_logical_devices("GPU")
 
 
 def matmul_transposed(a, b):
@@ -23,6 +24,6 @@ def matmul_transposed(a, b):
     Example:
       >>> matmul_transposed(gradients, directions)      # [m, k] dot products, NumPy BLAS on a CPU
     """
-    if prefers_host_blas(a.dtype) and tf.executing_eagerly():
+    if prefers_host_blas(a.dtype):
         return tf.constant(np.asarray(a) @ np.asarray(b).T)
     return tf.matmul(a, b, transpose_b=True)
