@@ -71,7 +71,7 @@ def main():
         inf = tfi.Influence(model, loss, (x, y), method="cg", tol=1e-4, maxiter=30, progress=False,
                             strategy=strat, **options)
         inf.scores((x_test[:1], y_test[:1]))  # traces every compiled pass once
-        inf._cache.clear()
+        inf.clear_cache()
         start = time.perf_counter()
         results[name] = inf.scores((x_test, y_test))
         t_scores = time.perf_counter() - start

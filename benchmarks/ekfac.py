@@ -83,7 +83,7 @@ def bench(name, model, x, y, args):
     cg = tfi.Influence(model, LOSS, train, method="cg", tol=args.tol, maxiter=args.maxiter, **common)
     m = min(args.cg_test, n_test)
     cg.test_inverse_hvps((test[0][:8], test[1][:8]))  # warm-up (tracing)
-    cg._cache.clear()
+    cg.clear_cache()
     t_cg_ihvp, cg_directions = _seconds(lambda: cg.test_inverse_hvps((test[0][:m], test[1][:m])))
     iterations = cg.last_solve_info.iterations
     directions = tf.constant(ekfac.test_inverse_hvps(test), ekfac.space.dtype)

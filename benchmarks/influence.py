@@ -55,7 +55,7 @@ def main():
     check = np.abs(np.concatenate([dots(b, directions).numpy() for b in batches[:1]])
                    - np.concatenate([grads(b, directions).numpy() for b in batches[:1]])).max()
     start = time.perf_counter()
-    inf._cache.clear()
+    inf.clear_cache()
     inf.scores(test)
     t_scores = time.perf_counter() - start
 

@@ -129,7 +129,7 @@ def test_second_ekfac_scores_call_traces_nothing(float64, rng):
 
 @pytest.mark.parametrize("build", ["mlp", "small_cnn"])
 def test_influence_scores_from_layer_rows_equal_jacobian_gradient_dots(float64, rng, build):
-    from tf_influence.influence import factored_scores
+    from tf_influence.influence import eigenbasis_scores, factored_scores
 
     model = getattr(models, build)()
     shape = tuple(model.inputs[0].shape[1:])
@@ -137,12 +137,17 @@ def test_influence_scores_from_layer_rows_equal_jacobian_gradient_dots(float64, 
     test = (x[:3] + 0.1, y[:3])
     influence = tfi.Influence(model, _ce(), (x, y), method=tfi.solvers.EKFAC(fisher="ggn"), damping=0.1,
                               batch_size=5, progress=False)
-    scores = influence.scores(test)
-    reference = influence.test_inverse_hvps(test) @ influence.training_gradients().T  # per-example jacobians
+    scores = influence.scores(test)  # in the factors' eigenbasis, no solves
+    directions = influence.test_inverse_hvps(test)  # the EKFAC solve
+    reference = directions @ influence.training_gradients().T  # per-example jacobians
     assert np.max(np.abs(scores - reference)) <= 1e-12 * np.max(np.abs(reference))
-    functions = factored_scores.dots_for(influence.problem, influence.prepared()).functions
+    dots = factored_scores.dots_for(influence.problem, influence.prepared())  # gradients from layer rows
+    from_rows = np.concatenate([dots(batch, directions).numpy() for batch in influence.problem.dataset]).T
+    assert np.max(np.abs(from_rows - reference)) <= 1e-12 * np.max(np.abs(reference))
+    functions = eigenbasis_scores.eigenbasis_scores_for(influence.problem, influence.prepared()).functions
     traced = dict(functions.traces)
+    assert traced["rotated"] == 1
     again = tfi.Influence(model, _ce(), (x, y), method=tfi.solvers.EKFAC(fisher="ggn"), damping=0.1, batch_size=5,
                           progress=False)
     np.testing.assert_allclose(again.scores(test), scores, rtol=1e-12, atol=0)
-    assert functions.traces == traced  # the second Influence reuses the compiled row gradients
+    assert functions.traces == traced  # the second Influence reuses the compiled rotation

@@ -16,6 +16,7 @@ once per model weights; scoring multiplies training gradients with the prepared 
 
 import dataclasses
 import hashlib
+import time
 import warnings
 
 import keras
@@ -25,6 +26,7 @@ import tensorflow as tf
 from tf_influence import arguments
 from tf_influence.data import Fingerprint, first_batch
 from tf_influence.errors import InputError, NotFiniteError
+from tf_influence.influence import eigenbasis_scores as _eigenbasis
 from tf_influence.influence import factored_scores as _factored
 from tf_influence.influence import group as _group
 from tf_influence.influence import per_layer as _per_layer
@@ -122,7 +124,7 @@ class Influence:
         self.test_gradients = (self.gradients if self.measurement.is_loss
                                else BatchFunctions(self.problem, objective=self.test_objective).gradients)
         self._prepared = None
-        self._cache = {}
+        self._cache = {}  # {kind: {test example key: row}} (see _cached_rows)
         self._fingerprint = self.problem.fingerprint()
         if jit_compile:  # an option of the Hessian products: check now that XLA can compile them
             self.source.hessian()
@@ -196,10 +198,7 @@ class Influence:
         """`(H + λI)⁻¹` on rows `[k, p]` with the prepared method; sets `last_solve_info`."""
         rows = tf.convert_to_tensor(rows, self.space.dtype)
         solution, info = self.prepared().solve(rows)
-        choice = self.source.damping_choice
-        if choice is not None and isinstance(info, SolveInfo):
-            info = dataclasses.replace(info, extra={**info.extra, **choice.report()})
-        self.last_solve_info = info
+        self._record(info)
         return solution
 
     def test_dataset(self, test):
@@ -214,29 +213,23 @@ class Influence:
 
         With a measurement m, `∇ℓ(z_test)` is `σ·∇m(z_test)` (σ = −1 when higher m is better).
         """
-        self.check_weights()
-        keys, gradients = [], []
-        for batch in self.test_dataset(test):
-            batch_keys = _example_keys(batch)
-            keys.extend(batch_keys)
-            missing = [i for i, key in enumerate(batch_keys) if key not in self._cache]
-            if missing:
-                grads = self.test_gradients(batch).numpy()
-                gradients.extend((batch_keys[i], grads[i]) for i in missing)
-        pending = {}
-        for key, grad in gradients:
-            pending.setdefault(key, grad)
-        items = list(pending.items())
-        for start in range(0, len(items), _SOLVE_CHUNK):
-            chunk = items[start:start + _SOLVE_CHUNK]
-            solution = self.solve(tf.constant(np.stack([g for _, g in chunk]), self.space.dtype)).numpy()
-            self._cache.update({key: row for (key, _), row in zip(chunk, solution)})
-        return np.stack([self._cache[key] for key in keys])
+        def solve(gradients):
+            return self.solve(tf.constant(gradients, self.space.dtype)).numpy()
+
+        return self._cached_rows(test, "inverse_hvps", lambda batch: self.test_gradients(batch).numpy(), solve)
 
     def scores(self, test):
         """`[n_test, n_train]` influence scores `∇ℓ(z_test)ᵀ (H + λI)⁻¹ ∇ℓ(zᵢ)`; positive = helpful."""
-        directions = tf.constant(self.test_inverse_hvps(test), self.space.dtype)
-        dots = _factored.dots_for(self.problem, self.prepared()) or self.gradient_dots  # KFAC/EKFAC: layer rows
+        prepared = self.prepared()
+        eigenbasis = _eigenbasis.eigenbasis_scores_for(self.problem, prepared) if self.measurement.is_loss else None
+        if eigenbasis is not None:  # KFAC/EKFAC: both sides rotated into the factors' eigenbasis, no solves
+            start = time.perf_counter()
+            rows = self._cached_rows(test, "eigenbasis", lambda batch: eigenbasis.test_rows(batch).numpy())
+            self._record(prepared.info(start, len(rows)))
+            directions, dots = tf.constant(rows, eigenbasis.dtype), eigenbasis
+        else:
+            directions = tf.constant(self.test_inverse_hvps(test), self.space.dtype)
+            dots = _factored.dots_for(self.problem, prepared) or self.gradient_dots  # KFAC/EKFAC: layer rows
         seen, columns = Fingerprint(), []
         for batch in self._progress(self.problem.dataset, "scoring"):
             seen.update(batch)
@@ -334,6 +327,10 @@ class Influence:
         solution = self.solve(tf.constant(grads)).numpy()
         return solution * (weights[indices] / weights.sum())[:, np.newaxis]
 
+    def clear_cache(self):
+        """Forgets the cached test rows (inverse-HVPs), e.g. to time a computation again; keeps the prepared method."""
+        self._cache = {}
+
     def check_weights(self):
         """Drops cached solutions and prepared state (with a warning) if the model's weights changed.
 
@@ -348,6 +345,38 @@ class Influence:
         return fingerprint
 
     # -- Internals ------------------------------------------------------------------------------
+
+    def _record(self, info):
+        """Keeps a solve's `SolveInfo` as `last_solve_info`, with how the damping was chosen."""
+        choice = self.source.damping_choice
+        if choice is not None and isinstance(info, SolveInfo):
+            info = dataclasses.replace(info, extra={**info.extra, **choice.report()})
+        self.last_solve_info = info
+
+    def _cached_rows(self, test, kind, batch_rows, finish=None):
+        """`[n_test, width]`: per test example, the row `finish(batch_rows(batch))` of `kind`, cached by example.
+
+        `batch_rows(batch)` gives one row per example of a test batch (computed only for batches with
+        uncached examples); `finish` maps stacked rows to results in chunks of `_SOLVE_CHUNK` (None: the
+        rows themselves). Cached rows go when the model's weights change (`check_weights`).
+        """
+        self.check_weights()
+        cache = self._cache.setdefault(kind, {})
+        keys, pending = [], {}
+        for batch in self.test_dataset(test):
+            batch_keys = _example_keys(batch)
+            keys.extend(batch_keys)
+            if any(key not in cache and key not in pending for key in batch_keys):
+                rows = batch_rows(batch)
+                for key, row in zip(batch_keys, rows):
+                    if key not in cache:
+                        pending.setdefault(key, row)
+        items = list(pending.items())
+        for start in range(0, len(items), _SOLVE_CHUNK):
+            chunk = items[start:start + _SOLVE_CHUNK]
+            stacked = np.stack([row for _, row in chunk])
+            cache.update(zip([key for key, _ in chunk], stacked if finish is None else finish(stacked)))
+        return np.stack([cache[key] for key in keys])
 
     def _progress(self, dataset, label):
         cardinality = int(dataset.cardinality())

@@ -157,17 +157,21 @@ class EKFAC(Method):
             if checked:
                 exact = source.hessian()
                 residual = float(np.max(relative_residuals(exact, x[:checked], tf.cast(rows[:checked], exact.dtype))))
+            return (x[0] if single else x), info(start, int(rows.shape[0]), residual, checked)
+
+        def info(start, rows, residual=float("nan"), checked=0):
             factors = inverse.factors
-            info = SolveInfo(
+            return SolveInfo(
                 method=self.name, iterations=0, residual=residual, converged=True,
-                seconds=time.perf_counter() - start, residual_is_estimate=checked < int(rows.shape[0]),
+                seconds=time.perf_counter() - start, residual_is_estimate=checked < rows,
                 extra=dict(damping=inverse.damping, fisher=factors.settings.fisher, fit_seconds=factors.seconds,
                            layers=[block.name for block in factors.blocks], blocks=factors.describe(),
                            residual_rows=checked))
-            return (x[0] if single else x), info
 
         prepared = Prepared(self, inverse, solve)
         prepared.inverse = inverse
+        if not self.residual_rows:  # scores may skip the solve: see influence/eigenbasis_scores.py
+            prepared.eigenbasis, prepared.info = inverse, info
         return prepared
 
     def _prepare_refined(self, source, inverse):

@@ -57,6 +57,10 @@ class Prepared:
       solve: `fn(rows) -> (x, SolveInfo)`, rows `[k, p]` or `[p]`.
       quadratic_forms: `fn(rows) -> [k]` NumPy values `rowᵀ (H + λI)⁻¹ row` computed from a
         factorisation without the solutions (exact factorised routes, e.g. `Direct`), or None.
+      eigenbasis: the `EKFACOperator` whose eigenbasis form `solve` is exactly (one-shot KFAC/EKFAC),
+        so that scores may be taken in that basis without solves (influence/eigenbasis_scores.py), or None.
+      info: with `eigenbasis`, `fn(start, k) -> SolveInfo` of a solve of k rows begun at
+        `time.perf_counter()` value `start`, for results computed in the eigenbasis.
     """
 
     def __init__(self, method, operator, solve, quadratic_forms=None):
@@ -64,6 +68,8 @@ class Prepared:
         self.operator = operator
         self.solve = solve
         self.quadratic_forms = quadratic_forms
+        self.eigenbasis = None
+        self.info = None
 
     def __repr__(self):
         return f"Prepared({self.method!r}, operator={getattr(self.operator, 'name', type(self.operator).__name__)})"
