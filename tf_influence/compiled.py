@@ -79,43 +79,6 @@ def shared_function(python_function, owner, *, identity=(), options=(), **tf_fun
     return call
 
 
-def batch_function(python_function, *, batch_args, **tf_function_options):
-    """A `tf.function` of `python_function` whose first `batch_args` arguments are traced with an unknown batch size.
-
-    Those arguments are nests of tensors with a leading batch axis; every call uses the concrete
-    function for their specs with that axis relaxed to None, so one trace serves every batch size (the
-    partial last batch, test batches of another size), where `reduce_retracing` traces the first size
-    and then a relaxed one. The other arguments are traced with their full shapes.
-
-    Args:
-      python_function: the function to compile.
-      batch_args: how many leading arguments carry a batch axis.
-      **tf_function_options: options of `tf.function` (e.g. `autograph=False`).
-
-    Returns:
-      `call(*args)`, with `call.function` the underlying `tf.function`.
-
-    Example:
-      >>> rows = batch_function(lambda x, q: x @ q, batch_args=1, autograph=False)
-      >>> rows(tf.ones([5, 3]), q), rows(tf.ones([2, 3]), q)      # one trace
-    """
-    function = tf.function(python_function, **tf_function_options)
-
-    def call(*args):
-        specs = [tf.nest.map_structure(_batch_spec, a) for a in args[:batch_args]] + list(args[batch_args:])
-        return function.get_concrete_function(*specs)(*args)
-
-    call.function = function
-    return call
-
-
-def _batch_spec(value):
-    value = tf.convert_to_tensor(value)
-    if not value.shape.rank:
-        return tf.TensorSpec.from_tensor(value)
-    return tf.TensorSpec([None] + value.shape[1:].as_list(), value.dtype)
-
-
 def trace_count():
     """How many traces all shared functions made so far (for tests and profiling)."""
     return _TRACES["count"]

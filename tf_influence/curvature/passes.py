@@ -22,7 +22,6 @@ import weakref
 import tensorflow as tf
 
 from tf_influence import distribute as _distribute
-from tf_influence.compiled import batch_function
 from tf_influence.curvature import statistics as _statistics
 from tf_influence.curvature.layer_rows import layer_rows
 from tf_influence.errors import NotFiniteError
@@ -113,8 +112,8 @@ class FitPasses:
             def second(x, y, w, step, bases):
                 return _distribute.batch_sum(
                     strategy, lambda shard, step, bases: self._second_fn(*shard, step, bases), (x, y, w), step, bases)
-        self._first = batch_function(first, batch_args=3, autograph=False)
-        self._second = batch_function(second, batch_args=3, autograph=False)
+        self._first = tf.function(first, reduce_retracing=True, autograph=False)
+        self._second = tf.function(second, reduce_retracing=True, autograph=False)
 
     def first_pass(self, objective, dataset):
         """`(sums, total_weight, count)`: per block `(A_sum, S_sum)`, `Σ w` (float) and the examples seen."""

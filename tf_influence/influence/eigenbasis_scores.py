@@ -25,7 +25,6 @@ import weakref
 
 import tensorflow as tf
 
-from tf_influence.compiled import batch_function
 from tf_influence.curvature.passes import shared_for_model
 from tf_influence.influence.batch_functions import DEFAULT_MEMORY_BUDGET
 from tf_influence.influence.factored_scores import ScoreFunctions
@@ -86,8 +85,8 @@ class EigenbasisScores:
         return self._sliced(batch, lambda rows: rows * self.scale)
 
     def __call__(self, batch, directions):
-        """`[m, k]` scores (in the problem's dtype, as the solve route gives them) of a training batch."""
-        directions = tf.convert_to_tensor(directions, self.dtype)
+        """`[m, k]` scores (in the problem's dtype, as the solve route gives them) of a training batch against
+        `directions` `[k, width]` (`test_rows`, as an array: the host BLAS multiplies it without a copy)."""
         return self._sliced(batch, lambda rows: tf.cast(matmul_transposed(rows, directions), self.problem.dtype))
 
     def _sliced(self, batch, then):
@@ -116,7 +115,7 @@ class RotatedRows(ScoreFunctions):
     def __init__(self, blocks, dtype):
         super().__init__(blocks, dtype)
         self.traces["rotated"] = 0
-        self.rotated = batch_function(self._rotated, batch_args=2, autograph=False)
+        self.rotated = tf.function(self._rotated, reduce_retracing=True, autograph=False)
 
     def _rotated(self, x, y, bases):
         self.traces["rotated"] += 1

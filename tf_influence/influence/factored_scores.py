@@ -25,7 +25,6 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from tf_influence.compiled import batch_function
 from tf_influence.curvature.layer_rows import layer_rows
 from tf_influence.curvature.passes import shared_for_model
 from tf_influence.data import as_dataset
@@ -113,8 +112,8 @@ class ScoreFunctions:
         self.dtype = tf.as_dtype(dtype)
         self.traces = {"rows": 0, "scores": 0}
         self._objective = None  # set only during `using`: the cache must not keep the model alive
-        self.rows = batch_function(self._rows, batch_args=2, autograph=False)
-        self.scores = batch_function(self._scores, batch_args=2, autograph=False)
+        self.rows = tf.function(self._rows, reduce_retracing=True, autograph=False)
+        self.scores = tf.function(self._scores, reduce_retracing=True, autograph=False)
 
     @contextlib.contextmanager
     def using(self, objective):
@@ -210,7 +209,7 @@ class RowGradients(ScoreFunctions):
         self.layouts = [block.layout(index) for block in blocks]
         self.sizes = list(space.sizes)
         self.traces["gradients"] = 0
-        self.gradients = batch_function(self._gradients, batch_args=2, autograph=False)
+        self.gradients = tf.function(self._gradients, reduce_retracing=True, autograph=False)
 
     def _gradients(self, x, y):
         self.traces["gradients"] += 1

@@ -226,7 +226,7 @@ class Influence:
             start = time.perf_counter()
             rows = self._cached_rows(test, "eigenbasis", lambda batch: eigenbasis.test_rows(batch).numpy())
             self._record(prepared.info(start, len(rows)))
-            directions, dots = tf.constant(rows, eigenbasis.dtype), eigenbasis
+            directions, dots = rows, eigenbasis
         else:
             directions = tf.constant(self.test_inverse_hvps(test), self.space.dtype)
             dots = _factored.dots_for(self.problem, prepared) or self.gradient_dots  # KFAC/EKFAC: layer rows
@@ -366,16 +366,16 @@ class Influence:
         for batch in self.test_dataset(test):
             batch_keys = _example_keys(batch)
             keys.extend(batch_keys)
-            if any(key not in cache and key not in pending for key in batch_keys):
+            missing = [i for i, key in enumerate(batch_keys) if key not in cache and key not in pending]
+            if missing:
                 rows = batch_rows(batch)
-                for key, row in zip(batch_keys, rows):
-                    if key not in cache:
-                        pending.setdefault(key, row)
-        items = list(pending.items())
+                pending.update((batch_keys[i], rows[i]) for i in missing)
+        if finish is None:
+            cache.update(pending)
+        items = list(pending.items()) if finish is not None else []
         for start in range(0, len(items), _SOLVE_CHUNK):
             chunk = items[start:start + _SOLVE_CHUNK]
-            stacked = np.stack([row for _, row in chunk])
-            cache.update(zip([key for key, _ in chunk], stacked if finish is None else finish(stacked)))
+            cache.update(zip([key for key, _ in chunk], finish(np.stack([row for _, row in chunk]))))
         return np.stack([cache[key] for key in keys])
 
     def _progress(self, dataset, label):
