@@ -41,6 +41,8 @@ class Problem:
 
     Attributes:
       model, objective, dataset, strategy, batch_size.
+      first_batch: the data's first `(x, y, w)` batch; `first_outputs`: the model's outputs on it
+        (read when the problem was validated).
       variables: the selected variables; `tf_variables`: the `tf.Variable`s behind them.
       space: their `ParameterSpace` (flat coordinates, p = `space.size`, dtype = `space.dtype`).
 
@@ -65,9 +67,9 @@ class Problem:
         self.space = ParameterSpace(self.variables)
         self.batch_size = batch_size
         self.dataset = as_dataset(data, batch_size=batch_size, name=name)
-        batch = first_batch(self.dataset, name)
-        outputs = self.objective.validate(batch, name)
-        self.warnings = self.objective.check_model(batch, name, outputs=outputs)
+        self.first_batch = first_batch(self.dataset, name)
+        self.first_outputs = self.objective.validate(self.first_batch, name)
+        self.warnings = self.objective.check_model(self.first_batch, name, outputs=self.first_outputs)
         self.strategy = resolve_strategy(strategy)
         self._weights = None
         self._data_fingerprint = None

@@ -46,7 +46,6 @@ from tf_influence.curvature import statistics as _statistics
 from tf_influence.curvature import targets as _targets
 from tf_influence.curvature.capture import find_blocks
 from tf_influence.curvature.passes import fit_passes
-from tf_influence.data import first_batch
 from tf_influence.errors import InputError
 from tf_influence.params import ParameterSpace
 
@@ -218,8 +217,7 @@ def fit_factors(problem, *, settings=None, **options):
     objective, dataset = problem.objective, problem.dataset
     weights_fingerprint = problem.fingerprint()
     blocks = find_blocks(problem.model, problem.variables)
-    batch = first_batch(dataset, "data")
-    outputs = objective.outputs(batch[0])
+    outputs = problem.first_outputs
     _targets.check_outputs(objective, outputs, settings.fisher)
     settings = dataclasses.replace(settings, fisher=_targets.resolve_fisher(objective, outputs, settings.fisher))
     num_targets = _targets.target_count(objective, outputs, settings.fisher, settings.num_samples)
