@@ -268,7 +268,8 @@ def first_batch(dataset, name="data"):
     try:
         return next(iter(dataset))  # a third of the time of iterating `dataset.take(1)` (~6 vs ~14 ms)
     except StopIteration:
-        raise InputError(f"{name} is empty: the dataset yielded no batch. Influence needs at least one example.") from None
+        raise InputError(
+            f"{name} is empty: the dataset yielded no batch. Influence needs at least one example.") from None
 
 
 def batch_spec(dataset):

@@ -120,7 +120,7 @@ class RotatedRows(ScoreFunctions):
     def _rotated(self, x, y, bases):
         self.traces["rotated"] += 1
         parts = []
-        for (a, g), (q_a, q_s) in zip(self._rows(x, y), bases):
+        for (a, g), (q_a, q_s) in zip(self.example_rows(x, y), bases):
             a_hat = tf.einsum("ntk,km->ntm", a, q_a)
             g_hat = tf.einsum("ntl,lb->ntb", g, q_s)
             if a.shape[1] == 1:

@@ -124,10 +124,15 @@ class ScoreFunctions:
         finally:
             self._objective = None
 
-    def _rows(self, x, y):
-        self.traces["rows"] += 1
+    def example_rows(self, x, y):
+        """Per block, `(a, g)`: the captured input rows and the pre-activation gradient rows of each example's
+        own loss (untraced: for use inside this object's compiled functions and those of subclasses)."""
         rows = layer_rows(self._objective, self.blocks, x, y, fisher="empirical", dtype=self.dtype)
         return [(a, gs[0][0]) for a, gs in rows]
+
+    def _rows(self, x, y):
+        self.traces["rows"] += 1
+        return self.example_rows(x, y)
 
     def _scores(self, captured, directions):
         self.traces["scores"] += 1
@@ -213,9 +218,8 @@ class RowGradients(ScoreFunctions):
 
     def _gradients(self, x, y):
         self.traces["gradients"] += 1
-        rows = layer_rows(self._objective, self.blocks, x, y, fisher="empirical", dtype=self.dtype)
-        return join_layers([_example_matrices(block, a, gs[0][0]) for block, (a, gs) in zip(self.blocks, rows)],
-                           self.sizes, self.layouts)
+        matrices = [_example_matrices(block, a, g) for block, (a, g) in zip(self.blocks, self.example_rows(x, y))]
+        return join_layers(matrices, self.sizes, self.layouts)
 
 
 def _example_matrices(block, a, g):
