@@ -372,10 +372,11 @@ class Influence:
                 pending.update((batch_keys[i], rows[i]) for i in missing)
         if finish is None:
             cache.update(pending)
-        items = list(pending.items()) if finish is not None else []
-        for start in range(0, len(items), _SOLVE_CHUNK):
-            chunk = items[start:start + _SOLVE_CHUNK]
-            cache.update(zip([key for key, _ in chunk], finish(np.stack([row for _, row in chunk]))))
+        else:
+            items = list(pending.items())
+            for start in range(0, len(items), _SOLVE_CHUNK):
+                chunk = items[start:start + _SOLVE_CHUNK]
+                cache.update(zip([key for key, _ in chunk], finish(np.stack([row for _, row in chunk]))))
         return np.stack([cache[key] for key in keys])
 
     def _progress(self, dataset, label):
