@@ -8,12 +8,13 @@ training example i. For a layer without positions (Dense on vectors) this is `Σ
 the `[d_a, d_g]` per-example gradient is never formed. For layers with positions (convolutions,
 sequences) the per-example layer gradient of one batch is formed, one layer at a time.
 
-`FactoredDots` (used by `Influence.scores` with KFAC/EKFAC where `eigenbasis_scores.py` does not apply)
-takes the same rows the other way round: each training example's flat loss gradient
-`Σ_t a_{i,t} g_{i,t}ᵀ` per block, assembled from ONE forward and backward pass of the batch, then one
+`FactoredDots` (used by `Influence.scores` with KFAC/EKFAC where `eigenbasis_scores.py` does not
+apply) takes the same rows the other way round: each training example's flat loss gradient `Σ_t
+a_{i,t} g_{i,t}ᵀ` per block, assembled from ONE forward and backward pass of the batch, then one
 matrix product with all preconditioned test directions. It gives the numbers of the per-example
-jacobian route (`BatchFunctions`) to rounding; on the digits MLP of benchmarks/peers.py (1,200 examples, 2,410 parameters, 50 test points) it takes
-0.1 s of CPU time where the jacobian took 1.3 s (benchmarks/ekfac_speed.py).
+jacobian route (`BatchFunctions`) to rounding; on the digits MLP of benchmarks/peers.py (1,200
+examples, 2,410 parameters, 50 test points) it takes 0.1 s of CPU time where the jacobian took 1.3 s
+(benchmarks/ekfac_speed.py).
 
 The compiled functions (captured rows of a batch; scores of a batch; row gradients) are traced once
 per model, blocks, loss and dtype and shared by later calls (a weak cache: an entry goes with its model).
