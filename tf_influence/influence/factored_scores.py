@@ -9,8 +9,8 @@ the `[d_a, d_g]` per-example gradient is never formed. For layers with positions
 sequences) the per-example layer gradient of one batch is formed, one layer at a time.
 
 `FactoredDots` (used by `Influence.scores` with KFAC/EKFAC where `eigenbasis_scores.py` does not
-apply) takes the same rows the other way round: each training example's flat loss gradient `Σ_t
-a_{i,t} g_{i,t}ᵀ` per block, assembled from ONE forward and backward pass of the batch, then one
+apply) takes the same rows the other way round: each training example's flat loss gradient
+`Σ_t a_{i,t} g_{i,t}ᵀ` per block, assembled from ONE forward and backward pass of the batch, then one
 matrix product with all preconditioned test directions. It gives the numbers of the per-example
 jacobian route (`BatchFunctions`) to rounding; on the digits MLP of benchmarks/peers.py (1,200
 examples, 2,410 parameters, 50 test points) it takes 0.1 s of CPU time where the jacobian took 1.3 s
