@@ -27,7 +27,6 @@ import tensorflow as tf
 from tf_influence.curvature import targets as _targets
 from tf_influence.curvature.capture import find_blocks
 from tf_influence.curvature.layer_rows import layer_rows
-from tf_influence.data import first_batch
 from tf_influence.errors import InputError, NotFiniteError, UnsupportedLayerError
 
 
@@ -86,10 +85,7 @@ def fit_cross_factors(problem, *, fisher="auto", num_samples=1, seed=0):
         raise UnsupportedLayerError(f"Block-tridiagonal KFAC supports Dense and ungrouped convolution layers only; "
                                     f"received {other}. Use method='kfac' or 'ekfac' for them, or select only the "
                                     "supported layers' variables.")
-    outputs = objective.outputs(first_batch(dataset, "data")[0])
-    _targets.check_outputs(objective, outputs, fisher)
-    fisher = _targets.resolve_fisher(objective, outputs, fisher)
-    num_targets = _targets.target_count(objective, outputs, fisher, num_samples)
+    fisher, num_targets = _targets.resolve_targets(objective, problem.first_outputs, fisher, num_samples)
 
     @tf.function(reduce_retracing=True)
     def batch_sums(x, y, w, step):

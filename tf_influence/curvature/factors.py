@@ -217,10 +217,9 @@ def fit_factors(problem, *, settings=None, **options):
     objective, dataset = problem.objective, problem.dataset
     weights_fingerprint = problem.fingerprint()
     blocks = find_blocks(problem.model, problem.variables)
-    outputs = problem.first_outputs
-    _targets.check_outputs(objective, outputs, settings.fisher)
-    settings = dataclasses.replace(settings, fisher=_targets.resolve_fisher(objective, outputs, settings.fisher))
-    num_targets = _targets.target_count(objective, outputs, settings.fisher, settings.num_samples)
+    fisher, num_targets = _targets.resolve_targets(objective, problem.first_outputs, settings.fisher,
+                                                   settings.num_samples)
+    settings = dataclasses.replace(settings, fisher=fisher)
     start = time.perf_counter()
     passes = fit_passes(objective, blocks, settings, strategy=problem.strategy, num_targets=num_targets)
     sums, total_weight, count = passes.first_pass(objective, dataset)

@@ -123,6 +123,14 @@ def resolve_fisher(objective, outputs, fisher):
     return "ggn" if output_entries(outputs) <= EXACT_MAX_OUTPUTS else "true"
 
 
+def resolve_targets(objective, outputs, fisher, num_samples=1):
+    """`(fisher, num_targets)` for a fit: `fisher` checked against the outputs (`check_outputs`) and resolved
+    (`resolve_fisher`), and the targets per example it gives (`target_count`)."""
+    check_outputs(objective, outputs, fisher)
+    fisher = resolve_fisher(objective, outputs, fisher)
+    return fisher, target_count(objective, outputs, fisher, num_samples)
+
+
 def target_count(objective, outputs, fisher, num_samples=1):
     """How many output targets `output_targets` returns per example for a resolved `fisher`."""
     fisher = resolve_fisher(objective, outputs, fisher)

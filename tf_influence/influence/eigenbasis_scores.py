@@ -27,8 +27,7 @@ import tensorflow as tf
 
 from tf_influence.curvature.passes import shared_for_model
 from tf_influence.influence.batch_functions import DEFAULT_MEMORY_BUDGET
-from tf_influence.influence.factored_scores import ScoreFunctions
-from tf_influence.layers import batch_coupled_layers
+from tf_influence.influence.factored_scores import ScoreFunctions, rows_apply, same_variables
 from tf_influence.linalg.host_blas import matmul_transposed
 
 
@@ -39,11 +38,9 @@ def eigenbasis_scores_for(problem, prepared):
     if operator is None:
         return None
     factors = operator.factors
-    if [id(v) for v in factors.variables] != [id(v) for v in problem.variables]:
+    if not same_variables(factors, problem) or not rows_apply(problem):
         return None
     if not all(_plain_kronecker(block) for block in factors.blocks):
-        return None
-    if problem.strategy is not None or batch_coupled_layers(problem.model, training=problem.objective.training):
         return None
     return EigenbasisScores(problem, operator)
 
@@ -75,10 +72,6 @@ class EigenbasisScores:
         self.step = max(1, int(memory_budget) // (self.width * self.dtype.size))
         self.functions = shared_for_model(_CACHE, problem.objective, factors.blocks, self.dtype.name,
                                           lambda: RotatedRows(factors.blocks, self.dtype))
-
-    def rotated(self, batch):
-        """`[m, width]`: each example's rotated loss gradient, block after block."""
-        return self._sliced(batch, lambda rows: rows)
 
     def test_rows(self, batch):
         """`[m, width]`: the rotated loss gradients scaled by `1 / (Λ + λ)`."""

@@ -144,19 +144,27 @@ class ScoreFunctions:
 def dots_for(problem, prepared):
     """`FactoredDots` for a prepared KFAC/EKFAC method (its `inverse` holds the factors' blocks), else None."""
     factors = getattr(getattr(prepared, "inverse", None), "factors", None)
-    blocks = getattr(factors, "blocks", None)
-    if blocks is None or [id(v) for v in factors.variables] != [id(v) for v in problem.variables]:
+    if factors is None or not same_variables(factors, problem):
         return None
-    return factored_dots(problem, blocks)
+    return factored_dots(problem, factors.blocks)
+
+
+def same_variables(factors, problem):
+    """True when `factors` were fitted for exactly the problem's selected variables (in its order)."""
+    return [id(v) for v in factors.variables] == [id(v) for v in problem.variables]
+
+
+def rows_apply(problem):
+    """True where each example's gradient can be assembled from its own captured layer rows: no distribution
+    strategy (rows are captured on one device) and no batch-coupled layers in training mode."""
+    return problem.strategy is None and not batch_coupled_layers(problem.model, training=problem.objective.training)
 
 
 def factored_dots(problem, blocks, *, memory_budget=DEFAULT_MEMORY_BUDGET):
     """A `FactoredDots` for `problem` (whose variables `blocks` cover), or None where its route does not
-    apply: under a distribution strategy, with batch-coupled layers in training mode, or with an
-    Embedding block (whose per-example gradient rows are vocabulary-sized)."""
-    objective = problem.objective
-    if problem.strategy is not None or any(block.diagonal_inputs for block in blocks) or batch_coupled_layers(
-            problem.model, training=objective.training):
+    apply: where `rows_apply` is False, or with an Embedding block (whose per-example gradient rows are
+    vocabulary-sized)."""
+    if not rows_apply(problem) or any(block.diagonal_inputs for block in blocks):
         return None
     return FactoredDots(problem, blocks, memory_budget=memory_budget)
 

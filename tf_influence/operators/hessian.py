@@ -12,7 +12,7 @@ from tf_influence import distribute as _distribute
 from tf_influence.compiled import shared_function
 from tf_influence.curvature import dense as _dense
 from tf_influence.curvature import products as _products
-from tf_influence.data import batch_spec, first_batch
+from tf_influence.data import batch_spec
 from tf_influence.errors import InputError, NotFiniteError, ResourceError, SecondDerivativeError
 from tf_influence.layers import batch_coupled_layers, looping_recurrent_layers
 from tf_influence.operators.assigned_differences import assigned_finite_differences, default_step
@@ -156,7 +156,7 @@ class HessianOperator(RowsOperator):
             self._data_pass_over = lambda rows, dataset: passes[1 if rows.shape[0] == 1 else None](rows, dataset)
             self._gradient_pass = tf.function(self._gradient_pass_fn)
             if jit_compile and self.has_batch_products:
-                self._check_xla_compiles(first_batch(problem.dataset, "data"))
+                self._check_xla_compiles(problem.first_batch)
         self._pd_promise = is_positive_definite
         if is_positive_definite is None and curvature == "gauss_newton" and damping > 0:
             is_positive_definite = True
