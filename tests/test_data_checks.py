@@ -102,3 +102,30 @@ def test_training_data_changed_behind_the_dataset_is_refused(problem):
     labels[20] = (labels[20] + 1) % 3  # the user corrects a label behind the dataset
     with pytest.raises(tfi.InputError, match="training data changed between two passes.*new Influence"):
         inf.scores((x[:2], y[:2]))
+
+
+@pytest.mark.parametrize("inputs", ["one", "tuple", "dict"])
+def test_array_batches_are_the_datasets_batches(inputs, rng):
+    """Loops in Python read arrays through `ArrayBatches`: the same batches (values, dtypes, structure, partial last
+    batch) and element spec as the `tf.data.Dataset` the compiled passes read, and a copy of the caller's arrays."""
+    from tf_influence.data import ArrayBatches, as_batches, as_dataset, batch_count
+
+    x = rng.standard_normal((10, 3))
+    x = {"one": x, "tuple": [x, rng.standard_normal((10, 2, 2)).astype("float32")],
+         "dict": {"a": x, "b": rng.integers(0, 5, (10, 1))}}[inputs]
+    y = rng.integers(0, 3, 10)
+    batches = as_batches((x, y), batch_size=4)
+    dataset = as_dataset((x, y), batch_size=4)
+    assert isinstance(batches, ArrayBatches) and isinstance(dataset, tf.data.Dataset)
+    assert batches.element_spec == dataset.element_spec and batches.dataset.element_spec == dataset.element_spec
+    assert batch_count(batches) == batch_count(dataset) == 3
+    pairs = list(zip(batches, dataset, strict=True))
+    assert [int(w.shape[0]) for _, _, w in batches] == [4, 4, 2]
+    for ours, theirs in pairs:
+        tf.nest.assert_same_structure(ours, theirs)
+        for a, b in zip(tf.nest.flatten(ours), tf.nest.flatten(theirs)):
+            assert a.dtype == b.dtype and np.array_equal(a.numpy(), b.numpy())
+    given = float(tf.nest.flatten(x)[0][0, 0])
+    tf.nest.flatten(x)[0][0, 0] = 1e6  # the caller changes its array afterwards: the batches keep the data given
+    assert float(tf.nest.flatten(next(iter(batches))[0])[0][0, 0]) == given
+    assert as_batches(batches) is batches

@@ -13,7 +13,7 @@ import hashlib
 import numpy as np
 import tensorflow as tf
 
-from tf_influence.data import as_dataset, first_batch
+from tf_influence.data import ArrayBatches, as_batches, batch_count, first_batch
 from tf_influence.data import fingerprint as data_fingerprint
 from tf_influence.distribute import resolve_strategy
 from tf_influence.errors import InputError
@@ -40,7 +40,9 @@ class Problem:
       name: what to call the data in error messages.
 
     Attributes:
-      model, objective, dataset, strategy, batch_size.
+      model, objective, strategy, batch_size.
+      batches: the training batches `(x, y, w)` for loops in Python (`data.as_batches`: arrays are
+        sliced in memory); `dataset`: the same batches as a `tf.data.Dataset`, for compiled passes.
       first_batch: the data's first `(x, y, w)` batch; `first_outputs`: the model's outputs on it
         (read when the problem was validated).
       variables: the selected variables; `tf_variables`: the `tf.Variable`s behind them.
@@ -66,8 +68,8 @@ class Problem:
         self.tf_variables = tf_variables(self.variables)
         self.space = ParameterSpace(self.variables)
         self.batch_size = batch_size
-        self.dataset = as_dataset(data, batch_size=batch_size, name=name)
-        self.first_batch = first_batch(self.dataset, name)
+        self.batches = as_batches(data, batch_size=batch_size, name=name)
+        self.first_batch = first_batch(self.batches, name)
         self.first_outputs = self.objective.validate(self.first_batch, name)
         self.warnings = self.objective.check_model(self.first_batch, name, outputs=self.first_outputs)
         self.strategy = resolve_strategy(strategy)
@@ -78,10 +80,20 @@ class Problem:
     def dtype(self):
         return self.space.dtype
 
+    @property
+    def dataset(self):
+        """The training batches as a `tf.data.Dataset` (built on first use when the data are arrays)."""
+        return self.batches.dataset if isinstance(self.batches, ArrayBatches) else self.batches
+
+    @property
+    def num_batches(self):
+        """The number of training batches; 0 or less when a dataset does not know it (`data.batch_count`)."""
+        return batch_count(self.batches)
+
     def weights(self):
         """`[n]` float64 sample weights of the training examples, in the data's order (read once)."""
         if self._weights is None:
-            self._weights = np.concatenate([w.numpy() for _, _, w in self.dataset]).astype(np.float64)
+            self._weights = np.concatenate([w.numpy() for _, _, w in self.batches]).astype(np.float64)
         return self._weights
 
     @property
@@ -89,10 +101,10 @@ class Problem:
         return len(self.weights())
 
     def batched(self, data, name="test"):
-        """Other data (e.g. test points) as a validated dataset batched like the training data."""
-        dataset = as_dataset(data, batch_size=self.batch_size, name=name)
-        self.objective.validate(first_batch(dataset, name), name)
-        return dataset
+        """Other data (e.g. test points) as validated batches like the training data's (`data.as_batches`)."""
+        batches = as_batches(data, batch_size=self.batch_size, name=name)
+        self.objective.validate(first_batch(batches, name), name)
+        return batches
 
     def fingerprint(self):
         """`model_fingerprint(self.model)`: changes whenever any weight of the model changes."""
@@ -106,7 +118,7 @@ class Problem:
         corrected labels of the same shape). It does not depend on the batching (`batch_sizes`).
         """
         if self._data_fingerprint is None:
-            self._data_fingerprint = data_fingerprint(self.dataset, with_sizes=True)
+            self._data_fingerprint = data_fingerprint(self.batches, with_sizes=True)
         return self._data_fingerprint[0]
 
     def check_data_unchanged(self, fingerprint):

@@ -77,7 +77,7 @@ def fit_cross_factors(problem, *, fisher="auto", num_samples=1, seed=0):
     if problem.strategy is not None:
         raise InputError("Block-tridiagonal KFAC does not run under a distribution strategy. "
                          "Received a problem with a strategy; use method='kfac' there.")
-    objective, dataset = problem.objective, problem.dataset
+    objective, batches = problem.objective, problem.batches
     blocks = find_blocks(problem.model, problem.variables)
     other = [f"{b.name} ({b.kind}{f', {b.groups} groups' if b.groups > 1 else ''})" for b in blocks
              if b.kind not in ("dense", "conv", "transposed") or b.groups > 1]
@@ -99,7 +99,7 @@ def fit_cross_factors(problem, *, fisher="auto", num_samples=1, seed=0):
 
     start = time.perf_counter()
     totals, total_weight, count = None, 0.0, 0
-    for step, (x, y, w) in enumerate(dataset):
+    for step, (x, y, w) in enumerate(batches):
         diagonal, neighbours, weight = batch_sums(x, y, w, tf.constant(step, tf.int64))
         sums = [[t.numpy() for t in pair] for pair in diagonal + neighbours]
         totals = sums if totals is None else [[s + t for s, t in zip(p, q)] for p, q in zip(totals, sums)]

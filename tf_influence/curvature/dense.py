@@ -56,7 +56,7 @@ def dense_gauss_newton(objective, tf_vars, space, dataset, *, gemm="auto", memor
       objective: an `Objective` (model, per-example loss).
       tf_vars: the selected variables as `tf.Variable`s (`params.tf_variables(selected)`).
       space: the `ParameterSpace` of the selected variables (p parameters).
-      dataset: a batched `tf.data.Dataset` of `(x, y, w)` (`data.as_dataset`).
+      dataset: the `(x, y, w)` batches: a batched `tf.data.Dataset` (`data.as_dataset`) or `data.ArrayBatches`.
       gemm: who forms `Σ ±UᵀU`: `"blas"` (SciPy `syrk`, in place in a NumPy accumulator of
         `dtype`), `"tensorflow"` (`tf.matmul` in the model's dtype, per batch) or `"auto"` (BLAS
         when no GPU is visible and `dtype` is float64).
@@ -87,7 +87,7 @@ def dense_hessian(objective, tf_vars, space, dataset, *, chunk_size=None, memory
       objective: an `Objective` (model, per-example loss).
       tf_vars: the selected variables as `tf.Variable`s.
       space: the `ParameterSpace` of the selected variables (p parameters).
-      dataset: a batched `tf.data.Dataset` of `(x, y, w)`.
+      dataset: the `(x, y, w)` batches, as for `dense_gauss_newton`.
       chunk_size: Hessian rows per compiled pass over the data. Default: as many as fit in
         `memory_budget`, at most 256 (larger chunks measured no faster on CPU).
       memory_budget: approximate bytes for one chunk's vectorised intermediates (about

@@ -214,7 +214,7 @@ def fit_factors(problem, *, settings=None, **options):
         settings = FactorSettings(**options)
     elif options:
         raise InputError(f"Pass either settings= or the options {sorted(options)}, not both.")
-    objective, dataset = problem.objective, problem.dataset
+    objective, batches = problem.objective, problem.batches
     weights_fingerprint = problem.fingerprint()
     blocks = find_blocks(problem.model, problem.variables)
     fisher, num_targets = _targets.resolve_targets(objective, problem.first_outputs, settings.fisher,
@@ -222,7 +222,7 @@ def fit_factors(problem, *, settings=None, **options):
     settings = dataclasses.replace(settings, fisher=fisher)
     start = time.perf_counter()
     passes = fit_passes(objective, blocks, settings, strategy=problem.strategy, num_targets=num_targets)
-    sums, total_weight, count = passes.first_pass(objective, dataset)
+    sums, total_weight, count = passes.first_pass(objective, batches)
     if total_weight <= 0:
         raise InputError("data has zero total sample weight; the mean objective is undefined.")
     layers = []
@@ -230,7 +230,7 @@ def fit_factors(problem, *, settings=None, **options):
         q_a, eig_a, q_s, eig_s = _statistics.eigendecompose(block, a_sum / total_weight, s_sum / total_weight)
         layers.append(LayerFactors(q_a=q_a, eig_a=eig_a, q_s=q_s, eig_s=eig_s))
     if settings.method == "ekfac":
-        corrected = passes.second_pass(objective, dataset, layers)
+        corrected = passes.second_pass(objective, batches, layers)
         layers = [dataclasses.replace(layer, corrected=tf.maximum(c / total_weight, 0.0))
                   for layer, c in zip(layers, corrected)]
     seconds = time.perf_counter() - start

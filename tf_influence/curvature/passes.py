@@ -44,7 +44,7 @@ def fit_passes(objective, blocks, settings, *, strategy=None, num_targets):
 
     Example:
       >>> passes = fit_passes(problem.objective, blocks, settings, num_targets=10)
-      >>> sums, total_weight, count = passes.first_pass(problem.objective, problem.dataset)
+      >>> sums, total_weight, count = passes.first_pass(problem.objective, problem.batches)
     """
     settings = dataclasses.replace(settings, method="ekfac")  # both methods share the first pass
     return shared_for_model(
@@ -115,11 +115,12 @@ class FitPasses:
         self._first = tf.function(first, reduce_retracing=True, autograph=False)
         self._second = tf.function(second, reduce_retracing=True, autograph=False)
 
-    def first_pass(self, objective, dataset):
-        """`(sums, total_weight, count)`: per block `(A_sum, S_sum)`, `Σ w` (float) and the examples seen."""
+    def first_pass(self, objective, batches):
+        """`(sums, total_weight, count)` over the `(x, y, w)` batches (a dataset or `data.ArrayBatches`): per block
+        `(A_sum, S_sum)`, `Σ w` (float) and the examples seen."""
         sums, total_weight, count = None, 0.0, 0
         with self._using(objective):
-            for step, (x, y, w) in enumerate(dataset):
+            for step, (x, y, w) in enumerate(batches):
                 batch_sums, weight = self._first(x, y, w, tf.constant(step, tf.int64))
                 sums = batch_sums if sums is None else tf.nest.map_structure(tf.add, sums, batch_sums)
                 total_weight += weight
@@ -127,13 +128,13 @@ class FitPasses:
         check_finite(sums, "first")
         return [tuple(s) for s in sums], float(total_weight), count
 
-    def second_pass(self, objective, dataset, layers):
+    def second_pass(self, objective, batches, layers):
         """Per block, `Σ_i w_i Σ_s c_s (Q_Aᵀ G_is Q_S)²` over the data (divide by `Σ w`)."""
         bases = [(layer.q_a if layer.q_a is not None else tf.zeros([0, 0], self.dtype), layer.q_s)
                  for layer in layers]
         total = None
         with self._using(objective):
-            for step, (x, y, w) in enumerate(dataset):
+            for step, (x, y, w) in enumerate(batches):
                 batch_sums = self._second(x, y, w, tf.constant(step, tf.int64), bases)
                 total = batch_sums if total is None else [t + b for t, b in zip(total, batch_sums)]
         check_finite(total, "second")

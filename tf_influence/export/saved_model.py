@@ -222,7 +222,7 @@ def _assert_shape(tensor, spec):
 
 
 def _input_specs(influence):
-    x, y, _ = next(iter(influence.problem.dataset))
+    x, y, _ = influence.problem.first_batch
     if isinstance(x, (tuple, list, dict)) or isinstance(y, (tuple, list, dict)):
         raise InputError(
             "export_saved_model supports models with one input tensor and one label tensor. Received "
@@ -233,7 +233,7 @@ def _input_specs(influence):
 
 def _label_classes(influence, y_spec):
     """The class count when `y` holds integer class ids (sparse labels), else None."""
-    x, _, _ = next(iter(influence.problem.dataset))
+    x, _, _ = influence.problem.first_batch
     outputs = influence.objective.outputs(x[:1])
     if not y_spec.dtype.is_integer or not isinstance(outputs, tf.Tensor) or outputs.shape.rank is None:
         return None

@@ -103,7 +103,7 @@ def group_influence(influence, test, groups, *, order=2):
         _check_curvature(influence)
     directions = influence.test_inverse_hvps(test)  # [n_test, p]
     members = np.unique(np.concatenate(groups))
-    examples = _gather(influence.problem.dataset, members)
+    examples = _gather(influence.problem.batches, members)
     chunk = influence.problem.batch_size or DEFAULT_BATCH_SIZE
     if influence not in _COMPILED:
         _COMPILED[influence] = (_compiled_gradient_sum(influence), _compiled_curvature(influence),

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence import arguments
-from tf_influence.data import Fingerprint, first_batch
+from tf_influence.data import Fingerprint, batch_count, first_batch
 from tf_influence.errors import InputError, NotFiniteError
 from tf_influence.influence import eigenbasis_scores as _eigenbasis
 from tf_influence.influence import factored_scores as _factored
@@ -202,11 +202,11 @@ class Influence:
         return solution
 
     def test_dataset(self, test):
-        """`test` as a validated dataset of `(x, y, w)` batches, batched like the training data."""
-        dataset = self.problem.batched(test, "test")
+        """`test` as validated `(x, y, w)` batches, batched like the training data (`Problem.batched`)."""
+        batches = self.problem.batched(test, "test")
         if not self.measurement.is_loss:
-            self.test_objective.validate(first_batch(dataset, "test"), "test")
-        return dataset
+            self.test_objective.validate(first_batch(batches, "test"), "test")
+        return batches
 
     def test_inverse_hvps(self, test):
         """`[n_test, p]`: `(H + λI)⁻¹ ∇ℓ(z_test)` for each test example, computed once and cached.
@@ -231,7 +231,7 @@ class Influence:
             directions = tf.constant(self.test_inverse_hvps(test), self.space.dtype)
             dots = _factored.dots_for(self.problem, prepared) or self.gradient_dots  # KFAC/EKFAC: layer rows
         seen, columns = Fingerprint(), []
-        for batch in self._progress(self.problem.dataset, "scoring"):
+        for batch in self._progress(self.problem.batches, "scoring"):
             seen.update(batch)
             columns.append(dots(batch, directions).numpy())
         self.problem.check_data_unchanged(seen)
@@ -285,10 +285,10 @@ class Influence:
         self.check_weights()
         prepared = self.prepared()
         forms = getattr(prepared, "quadratic_forms", None)  # a factorised exact route: no solves
-        batches = int(self.problem.dataset.cardinality())
+        batches = self.problem.num_batches
         announcer = SolveAnnouncer(self.source, prepared.method, self.n_train, batches=max(batches, 1))
         values = []
-        for batch in self._progress(self.problem.dataset, "self-influence"):
+        for batch in self._progress(self.problem.batches, "self-influence"):
             grads = self.gradients(batch)
             if forms is not None:
                 values.append(np.asarray(forms(grads), self.space.dtype.as_numpy_dtype))
@@ -302,13 +302,13 @@ class Influence:
         """`[n, p]` per-example loss gradients of the training examples (all, or those in `indices`)."""
         n = self.n_train
         if indices is None:
-            return np.concatenate([self.gradients(batch).numpy() for batch in iter(self.problem.dataset)])
+            return np.concatenate([self.gradients(batch).numpy() for batch in self.problem.batches])
         indices = np.atleast_1d(np.asarray(indices))
         if indices.dtype.kind not in "iu" or np.any(indices < 0) or np.any(indices >= n):
             raise InputError(f"indices must be integers in [0, {n}). Received: {indices.tolist()}.")
         grads = np.zeros((len(indices), self.space.size), self.space.dtype.as_numpy_dtype)
         offset = 0
-        for batch in self.problem.dataset:
+        for batch in self.problem.batches:
             size = int(tf.shape(batch[2])[0])
             inside = (indices >= offset) & (indices < offset + size)
             if inside.any():
@@ -379,11 +379,10 @@ class Influence:
                 cache.update(zip([key for key, _ in chunk], finish(np.stack([row for _, row in chunk]))))
         return np.stack([cache[key] for key in keys])
 
-    def _progress(self, dataset, label):
-        cardinality = int(dataset.cardinality())
-        bar = keras.utils.Progbar(cardinality if cardinality > 0 else None,
-                                  verbose=1 if self.progress else 0, unit_name=label)
-        for step, batch in enumerate(dataset):
+    def _progress(self, batches, label):
+        count = batch_count(batches)
+        bar = keras.utils.Progbar(count if count > 0 else None, verbose=1 if self.progress else 0, unit_name=label)
+        for step, batch in enumerate(batches):
             yield batch
             bar.update(step + 1)
 

@@ -70,6 +70,6 @@ def layer_scores(influence, test):
         for start, stop in ranges:
             mask[start:stop] = True
         masked = tf.constant(np.where(mask[np.newaxis, :], directions, 0.0), influence.space.dtype)
-        columns = [influence.gradient_dots(batch, masked).numpy() for batch in influence.problem.dataset]
+        columns = [influence.gradient_dots(batch, masked).numpy() for batch in influence.problem.batches]
         result[name] = np.concatenate(columns, axis=0).T.astype(np.float64)
     return result

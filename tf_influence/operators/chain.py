@@ -19,10 +19,10 @@ from tf_influence.problem import Problem
 DEFAULT_MAX_MEMORY_BYTES = 2 * 2**30
 
 
-def _one_batch(dataset):
-    """All of `dataset` as one `(x, y, w)` batch of tensors."""
+def _one_batch(batches):
+    """All of the `(x, y, w)` batches as one batch of tensors."""
     xs, ys, ws = [], [], []
-    for x, y, w in dataset:
+    for x, y, w in batches:
         if isinstance(x, (dict, list, tuple)) or isinstance(y, (dict, list, tuple)):
             raise InputError("method='chain' needs a single input tensor x and label tensor y; received a "
                              f"structure of type {type(x).__name__ if isinstance(x, (dict, list, tuple)) else type(y).__name__}.")
@@ -93,7 +93,7 @@ class ChainHessian(RowsOperator):
         spec = loss_spec(objective)
         prefix, self._stages = plan_stages(problem.model, problem.variables, spec, training=objective.training,
                                            curvature=curvature)
-        x, y, w = _one_batch(problem.dataset)
+        x, y, w = _one_batch(problem.batches)
         n = int(x.shape[0])
         shapes = [(s.inputs, s.units, s.size) for s in self._stages]
         need = memory_estimate(n, shapes, itemsize=dtype.size)

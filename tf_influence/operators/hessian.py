@@ -137,7 +137,7 @@ class HessianOperator(RowsOperator):
             k: shared_function(_batch_product_of, self, identity=identity,
                                options=options + (curvature, mode, step, k), jit_compile=jit_compile,
                                autograph=problem.objective.needs_autograph,
-                               input_signature=[batch_spec(problem.dataset), [
+                               input_signature=[batch_spec(problem.batches), [
                                    tf.TensorSpec([k, *shape], problem.space.dtype) for shape in problem.space.shapes]])
             for k in (1, None)}
         self._regularizer_products = shared_function(
@@ -151,7 +151,7 @@ class HessianOperator(RowsOperator):
             passes = {k: shared_function(_data_pass_of, self, identity=identity,
                                          options=options + (curvature, mode, step, jit_compile, k),
                                          input_signature=[tf.TensorSpec([k, problem.space.size], problem.space.dtype),
-                                                          tf.data.DatasetSpec(problem.dataset.element_spec)])
+                                                          tf.data.DatasetSpec(problem.batches.element_spec)])
                       for k in (1, None)}
             self._data_pass_over = lambda rows, dataset: passes[1 if rows.shape[0] == 1 else None](rows, dataset)
             self._gradient_pass = tf.function(self._gradient_pass_fn)
@@ -224,7 +224,7 @@ class HessianOperator(RowsOperator):
         if (self.has_batch_products and problem.strategy is None and not looping_recurrent_layers(problem.model)
                 and not coupled):
             dense = _dense.dense_curvature(problem.objective, problem.tf_variables, problem.variables, self.space,
-                                           problem.dataset, curvature=self.curvature, damping=self.damping,
+                                           problem.batches, curvature=self.curvature, damping=self.damping,
                                            dtype=dtype, as_array=True)
         else:
             dense = self._dense_by_products().astype(tf.as_dtype(dtype).as_numpy_dtype)

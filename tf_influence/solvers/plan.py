@@ -253,7 +253,7 @@ def _exact_products_problem(source):
 def _batches(problem):
     if problem is None:
         return 1
-    cardinality = int(problem.dataset.cardinality())
+    cardinality = problem.num_batches
     return cardinality if cardinality > 0 else max(1, problem.num_examples // 32)
 
 
