@@ -24,6 +24,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from tf_influence.curvature import statistics as _statistics
 from tf_influence.curvature import targets as _targets
 from tf_influence.curvature.capture import find_blocks
 from tf_influence.curvature.layer_rows import layer_rows
@@ -121,6 +122,7 @@ def fit_cross_factors(problem, *, fisher="auto", num_samples=1, seed=0):
 def _pair_sums(w, first, second):
     """`Σ_n w_n a_n bᵀ_n` and `Σ_n w_n Σ_s c_s g_ns hᵀ_ns` for two layers' reduced rows."""
     (a, gs), (b, hs) = first, second
-    a_sum = tf.einsum("n,nk,nl->kl", w, a, b)
-    g_sum = tf.add_n([tf.einsum("n,nk,nl->kl", w * c, g, h) for (g, c), (h, _) in zip(gs, hs)])
-    return a_sum, g_sum
+    g, weights = _statistics.stacked_targets(gs, w)
+    h, _ = _statistics.stacked_targets(hs, w)
+    return _statistics.weighted_gram(w, a[:, tf.newaxis], b[:, tf.newaxis]), _statistics.weighted_gram(
+        weights, g[:, tf.newaxis], h[:, tf.newaxis])

@@ -11,9 +11,10 @@ weights `c_s` is a valid "target" for a curvature `C = Σ_i w_i J_iᵀ M_i J_i /
                      that average m independent terms, e.g. MSE over m output units.)
   fisher="empirical" M_i = ∇_f ℓ ∇_f ℓᵀ at the true labels (the empirical Fisher).
   fisher="ggn"       M_i = ∇²_f ℓ exactly: `u_c = √|σ_c| v_c`, `c = sign σ_c` over the eigenpairs of
-                     the output Hessian (one back-propagation per output unit, batched by
-                     `layer_rows.py`). This is exactly the `HessianOperator(...,
-                     curvature="gauss_newton")` matrix, for any loss.
+                     the output Hessian, or `u_c = √p_c (e_c − p)` where it is cross-entropy's
+                     `diag(p) − ppᵀ` (checked per batch; no eigendecomposition). One
+                     back-propagation per output unit, batched by `layer_rows.py`. This is exactly
+                     the `HessianOperator(..., curvature="gauss_newton")` matrix, for any loss.
   fisher="auto"      "ggn" when an example's output has at most `EXACT_MAX_OUTPUTS` entries (classifiers
                      with up to 32 classes, small regressions), else "true" (one sampled label per
                      example: the cost of one backward pass instead of one per output entry, e.g.
@@ -27,6 +28,7 @@ one sampled label and 0.896 with the exact expectation, for about 10× the fitti
 The normalisation (mean over examples, weights `w_i`) is applied by the caller.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from tf_influence import distribute
@@ -159,13 +161,27 @@ def _ggn_targets(objective, y, f):
                        axis=1)
     del outer
     hessian = 0.5 * (hessian + tf.linalg.matrix_transpose(hessian))
+    p = tf.nn.softmax(tf.reshape(f, [n, k]))
+    softmax_hessian = tf.linalg.diag(p) - p[:, :, tf.newaxis] * p[:, tf.newaxis, :]
+    tolerance = 64 * np.finfo(f.dtype.as_numpy_dtype).eps * (1 + tf.reduce_max(tf.abs(hessian)))
+    is_softmax = tf.reduce_all(tf.abs(hessian - softmax_hessian) <= tolerance)
+    us, weights = tf.cond(is_softmax, lambda: _softmax_factor(p), lambda: _eigen_factor(hessian))
+    return [tf.reshape(u, tf.shape(f)) for u in tf.unstack(us, axis=1)], tf.unstack(weights, axis=1)
+
+
+def _softmax_factor(p):
+    """`diag(p) − ppᵀ = Σ_c u_c u_cᵀ` with `u_c = √p_c (e_c − p)` (as `Σ p_c = 1`): the output Hessian of
+    cross-entropy on logits, factored without an eigendecomposition. `([n, k, k], [n, k])`, targets on axis 1."""
+    k = p.shape[-1]
+    us = tf.sqrt(p)[:, :, tf.newaxis] * (tf.eye(k, dtype=p.dtype)[tf.newaxis] - p[:, tf.newaxis, :])
+    return us, tf.ones_like(p)
+
+
+def _eigen_factor(hessian):
+    """`H = Σ_c sign(σ_c) u_c u_cᵀ`, `u_c = √|σ_c| v_c` over the eigenpairs: any symmetric output Hessian."""
     eigenvalues, eigenvectors = tf.linalg.eigh(hessian)
-    us, weights = [], []
-    for c in range(k):
-        scaled = eigenvectors[:, :, c] * tf.sqrt(tf.abs(eigenvalues[:, c]))[:, tf.newaxis]
-        us.append(tf.reshape(scaled, tf.shape(f)))
-        weights.append(tf.sign(eigenvalues[:, c]))
-    return us, weights
+    us = tf.linalg.matrix_transpose(eigenvectors) * tf.sqrt(tf.abs(eigenvalues))[:, :, tf.newaxis]
+    return us, tf.sign(eigenvalues)
 
 
 def _loss_key(objective):
