@@ -96,8 +96,8 @@ class ArrayBatches:
 
     Attributes:
       num_examples, batch_size; `element_spec`: the `(x, y, w)` spec with the batch axis unknown, as
-      a batched dataset's; `dataset`: the same batches as a `tf.data.Dataset`, built on first use
-      (for compiled passes that take a dataset), sharing the tensors.
+      a batched dataset's; `dataset`: the same batches as a `tf.data.Dataset` of the same tensors,
+      built on first use (for compiled passes that take a dataset).
 
     Example:
       >>> batches = ArrayBatches((np.zeros((10, 3)), np.ones(10), np.ones(10)), batch_size=4)
