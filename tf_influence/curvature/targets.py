@@ -152,14 +152,15 @@ def _ggn_targets(objective, y, f):
     n = tf.shape(f)[0]
     k = output_entries(f)
     # Row c of every example's output Hessian is the gradient of Σ_i ∂ℓ_i/∂f_ic (examples are
-    # independent): k small backward passes, which trace far faster than a pfor batch_jacobian.
-    with tf.GradientTape(persistent=True) as outer:
-        outer.watch(f)
-        grad = tf.reshape(_loss_gradient(objective, y, f), [n, k])
-        entries = [grad[:, c] for c in range(k)]
-    hessian = tf.stack([tf.reshape(outer.gradient(e, f, unconnected_gradients=_ZERO), [n, k]) for e in entries],
-                       axis=1)
-    del outer
+    # independent). All k rows come from ONE backward pass over the outputs tiled k times, copy c
+    # differentiating entry c: k separate passes traced ~6x slower, a pfor batch_jacobian slower still.
+    tiled_f, tiled_y = (tf.nest.map_structure(lambda t: _tile(t, k), t) for t in (f, y))
+    with tf.GradientTape() as outer:
+        outer.watch(tiled_f)
+        grad = tf.reshape(_loss_gradient(objective, tiled_y, tiled_f), [k, n, k])
+        diagonal = tf.reduce_sum(grad * tf.eye(k, dtype=grad.dtype)[:, tf.newaxis, :])
+    rows = tf.reshape(outer.gradient(diagonal, tiled_f, unconnected_gradients=_ZERO), [k, n, k])
+    hessian = tf.transpose(rows, [1, 0, 2])
     hessian = 0.5 * (hessian + tf.linalg.matrix_transpose(hessian))
     p = tf.nn.softmax(tf.reshape(f, [n, k]))
     softmax_hessian = tf.linalg.diag(p) - p[:, :, tf.newaxis] * p[:, tf.newaxis, :]
@@ -167,6 +168,11 @@ def _ggn_targets(objective, y, f):
     is_softmax = tf.reduce_all(tf.abs(hessian - softmax_hessian) <= tolerance)
     us, weights = tf.cond(is_softmax, lambda: _softmax_factor(p), lambda: _eigen_factor(hessian))
     return [tf.reshape(u, tf.shape(f)) for u in tf.unstack(us, axis=1)], tf.unstack(weights, axis=1)
+
+
+def _tile(t, copies):
+    t = tf.convert_to_tensor(t)
+    return tf.tile(t, tf.concat([[copies], tf.ones([t.shape.rank - 1], tf.int32)], 0))
 
 
 def _softmax_factor(p):
