@@ -129,3 +129,12 @@ def test_array_batches_are_the_datasets_batches(inputs, rng):
     tf.nest.flatten(x)[0][0, 0] = 1e6  # the caller changes its array afterwards: the batches keep the data given
     assert float(tf.nest.flatten(next(iter(batches))[0])[0][0, 0]) == given
     assert as_batches(batches) is batches
+
+
+def test_test_dataset_stays_a_dataset_of_the_test_batches(problem):
+    model, x, y = problem
+    inf = tfi.Influence(model, sce, (x, y), damping=0.5, method="direct", batch_size=8, progress=False)
+    dataset, batches = inf.test_dataset((x[:10], y[:10])), inf.test_batches((x[:10], y[:10]))
+    assert isinstance(dataset, tf.data.Dataset)
+    assert [b[0].numpy().tolist() for b in dataset] == [b[0].numpy().tolist() for b in batches]
+    assert [int(b[2].shape[0]) for b in batches] == [8, 2]

@@ -46,7 +46,11 @@ def as_dataset(data, *, batch_size=None, name="data"):
       >>> [int(w.shape[0]) for _, _, w in ds]
       [4, 4, 2]
     """
-    batches = as_batches(data, batch_size=batch_size, name=name)
+    return dataset_of(as_batches(data, batch_size=batch_size, name=name))
+
+
+def dataset_of(batches):
+    """The `tf.data.Dataset` of `as_batches`' result: an `ArrayBatches`' dataset, or the dataset itself."""
     return batches.dataset if isinstance(batches, ArrayBatches) else batches
 
 

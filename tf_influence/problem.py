@@ -13,7 +13,7 @@ import hashlib
 import numpy as np
 import tensorflow as tf
 
-from tf_influence.data import ArrayBatches, as_batches, batch_count, first_batch
+from tf_influence.data import as_batches, batch_count, dataset_of, first_batch
 from tf_influence.data import fingerprint as data_fingerprint
 from tf_influence.distribute import resolve_strategy
 from tf_influence.errors import InputError
@@ -83,7 +83,7 @@ class Problem:
     @property
     def dataset(self):
         """The training batches as a `tf.data.Dataset` (built on first use when the data are arrays)."""
-        return self.batches.dataset if isinstance(self.batches, ArrayBatches) else self.batches
+        return dataset_of(self.batches)
 
     @property
     def num_batches(self):

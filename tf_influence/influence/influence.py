@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence import arguments
-from tf_influence.data import Fingerprint, batch_count, first_batch
+from tf_influence.data import Fingerprint, batch_count, dataset_of, first_batch
 from tf_influence.errors import InputError, NotFiniteError
 from tf_influence.influence import eigenbasis_scores as _eigenbasis
 from tf_influence.influence import factored_scores as _factored
@@ -201,12 +201,17 @@ class Influence:
         self._record(info)
         return solution
 
-    def test_dataset(self, test):
-        """`test` as validated `(x, y, w)` batches, batched like the training data (`Problem.batched`)."""
+    def test_batches(self, test):
+        """`test` as validated `(x, y, w)` batches, batched like the training data (`Problem.batched`), for
+        loops in Python (array data are sliced in memory: `data.ArrayBatches`)."""
         batches = self.problem.batched(test, "test")
         if not self.measurement.is_loss:
             self.test_objective.validate(first_batch(batches, "test"), "test")
         return batches
+
+    def test_dataset(self, test):
+        """`test` as a validated `tf.data.Dataset` of `(x, y, w)` batches, batched like the training data."""
+        return dataset_of(self.test_batches(test))
 
     def test_inverse_hvps(self, test):
         """`[n_test, p]`: `(H + λI)⁻¹ ∇ℓ(z_test)` for each test example, computed once and cached.
@@ -363,7 +368,7 @@ class Influence:
         self.check_weights()
         cache = self._cache.setdefault(kind, {})
         keys, pending = [], {}
-        for batch in self.test_dataset(test):
+        for batch in self.test_batches(test):
             batch_keys = _example_keys(batch)
             keys.extend(batch_keys)
             missing = [i for i, key in enumerate(batch_keys) if key not in cache and key not in pending]

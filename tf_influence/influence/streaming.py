@@ -58,8 +58,8 @@ def score_to_file(influence, test, path, *, resume=True, progress=None):
     check_target(path, "score_to_file path", replaceable=lambda _: _read_state(state_path) is not None)
     for companion in (state_path, ihvp_path):  # the library's own names: never a user's file
         check_target(companion, "score_to_file progress file", replaceable=lambda _: True)
-    dataset = influence.test_dataset(test)
-    parts = _fingerprints(influence, dataset)
+    test_batches = influence.test_batches(test)
+    parts = _fingerprints(influence, test_batches)
     fingerprint = _combined(parts)
     state = _read_state(state_path)
     if state is not None and resume and state["fingerprint"] != fingerprint:
@@ -73,7 +73,7 @@ def score_to_file(influence, test, path, *, resume=True, progress=None):
         scores = np.lib.format.open_memmap(path, mode="r+")
         done = state["batches_done"]
     else:
-        directions = influence.test_inverse_hvps(dataset)
+        directions = influence.test_inverse_hvps(test_batches)
         atomic_save_npy(ihvp_path, directions)
         _write_state(state_path, fingerprint, 0, False, parts=parts)  # first: `path` is then known to be ours
         scores = np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=(len(directions), n_train))
@@ -116,7 +116,7 @@ def _offset_after(train, batches):
     return sum(int(tf.shape(w)[0]) for _, _, w in train.take(batches))
 
 
-def _fingerprints(influence, test_dataset):
+def _fingerprints(influence, test_batches):
     """Hashes of everything the scores depend on, by name (the names appear in the refusal message)."""
     source = influence.source
     settings = (influence.method, repr(influence.solver), repr(source.requested_damping), source.curvature,
@@ -126,7 +126,7 @@ def _fingerprints(influence, test_dataset):
         "model weights": influence.check_weights(),  # (also refreshes stale caches)
         "training data": influence.problem.data_fingerprint(),
         "batching": hashlib.sha256(repr(influence.problem.batch_sizes()).encode()).hexdigest(),
-        "test data": data_fingerprint(test_dataset),
+        "test data": data_fingerprint(test_batches),
         "settings": hashlib.sha256(repr(settings).encode()).hexdigest(),
     }
 
