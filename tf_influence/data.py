@@ -351,6 +351,23 @@ def first_batch(dataset, name="data"):
             f"{name} is empty: the dataset yielded no batch. Influence needs at least one example.") from None
 
 
+def tile_batch(x, copies):
+    """`x` (a tensor or a nest of tensors with a leading batch axis) repeated `copies` times along axis 0.
+
+    Example:
+      >>> tile_batch(tf.constant([[1.], [2.]]), 3)[:, 0].numpy()
+      array([1., 2., 1., 2., 1., 2.], dtype=float32)
+    """
+    if copies == 1:
+        return x
+
+    def tile(t):
+        t = tf.convert_to_tensor(t)
+        return tf.tile(t, tf.concat([[copies], tf.ones([t.shape.rank - 1], tf.int32)], 0))
+
+    return tf.nest.map_structure(tile, x)
+
+
 def batch_spec(dataset):
     """The `(x, y, w)` element spec of `dataset` with the batch dimension relaxed to None.
 

@@ -16,8 +16,9 @@ The mathematics is in docs/mathematics.md.
 from tf_influence.curvature.capture import LayerBlock, Recording, capture, find_blocks
 from tf_influence.curvature.cross_factors import CrossFactors, fit_cross_factors
 from tf_influence.curvature.factors import FactorSettings, Factors, LayerFactors, fit_factors
-from tf_influence.curvature.layer_rows import layer_rows, tile_batch
+from tf_influence.curvature.layer_rows import layer_rows
 from tf_influence.curvature.storage import load_factors, save_factors
+from tf_influence.data import tile_batch
 
 __all__ = [
     "CrossFactors",

@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from tf_influence import arguments
 from tf_influence.compiled import shared_function
-from tf_influence.data import first_batch
+from tf_influence.data import batch_spec, first_batch
 from tf_influence.errors import InputError
 from tf_influence.linalg.host_blas import prefers_host_blas
 from tf_influence.normalization import exact_second_derivatives
@@ -178,7 +178,7 @@ def _gauss_newton_array(objective, tf_vars, space, dataset, gemm, memory_budget,
     sub_batch = max(1, int(memory_budget // (c * p * (3 * space.dtype.size + 8))))
     builder = _Builder(objective, tf_vars, space)
     factors = shared_function(_traced_gauss_newton_factors, builder, identity=builder.identity,
-                              options=builder.options, input_signature=_batch_signature(dataset),
+                              options=builder.options, input_signature=batch_spec(dataset),
                               autograph=objective.needs_autograph)
     product = tf.function(lambda rows, signs: tf.matmul(rows, rows * signs[:, None], transpose_a=True),
                           input_signature=[tf.TensorSpec([None, p], space.dtype), tf.TensorSpec([None], space.dtype)])
@@ -213,7 +213,7 @@ def _hessian_array(objective, tf_vars, space, dataset, chunk_size, memory_budget
     int_spec = tf.TensorSpec([], tf.int32)
     batch_rows = shared_function(_traced_hessian_rows, builder, identity=builder.identity,
                                  options=builder.options + (exact, dtype.name), autograph=objective.needs_autograph,
-                                 input_signature=[_batch_signature(dataset), int_spec, int_spec])
+                                 input_signature=[batch_spec(dataset), int_spec, int_spec])
 
     def rows(start, stop):
         # A Python loop over the batches around one traced per-batch function, shared by every builder
@@ -400,10 +400,6 @@ def _traced_gradient(builder, x, y, w):
 def _output_size(objective, x):
     example = tf.nest.map_structure(lambda t: t[:1], x)
     return int(_flat_outputs(objective.outputs(example)).shape[1])
-
-
-def _batch_signature(dataset):
-    return tf.nest.map_structure(lambda s: tf.TensorSpec([None, *s.shape[1:]], s.dtype), dataset.element_spec)
 
 
 def _check_weight(weight):

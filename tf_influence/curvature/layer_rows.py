@@ -17,25 +17,9 @@ import tensorflow as tf
 
 from tf_influence.curvature import targets as _targets
 from tf_influence.curvature.capture import capture
+from tf_influence.data import tile_batch
 
 _ZERO = tf.UnconnectedGradients.ZERO
-
-
-def tile_batch(x, copies):
-    """`x` (a tensor or a nest of tensors with a leading batch axis) repeated `copies` times along axis 0.
-
-    Example:
-      >>> tile_batch(tf.constant([[1.], [2.]]), 3)[:, 0].numpy()
-      array([1., 2., 1., 2., 1., 2.], dtype=float32)
-    """
-    if copies == 1:
-        return x
-
-    def tile(t):
-        t = tf.convert_to_tensor(t)
-        return tf.tile(t, tf.concat([[copies], tf.ones([t.shape.rank - 1], tf.int32)], 0))
-
-    return tf.nest.map_structure(tile, x)
 
 
 def layer_rows(objective, blocks, x, y, *, fisher, num_samples=1, seed=(0, 0), dtype=tf.float64,

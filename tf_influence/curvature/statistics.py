@@ -34,7 +34,8 @@ def factor_sums(block, a, gs, w, *, weight_sharing="expand"):
 
 
 def _s_sum(gs, w):
-    return weighted_gram(*reversed(stacked_targets(gs, w)))
+    g, weights = stacked_targets(gs, w)
+    return weighted_gram(weights, g)
 
 
 def weighted_gram(w, rows, other=None):

@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence import distribute
+from tf_influence.data import tile_batch
 from tf_influence.errors import InputError
 
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -154,7 +155,7 @@ def _ggn_targets(objective, y, f):
     # Row c of every example's output Hessian is the gradient of Σ_i ∂ℓ_i/∂f_ic (examples are
     # independent). All k rows come from ONE backward pass over the outputs tiled k times, copy c
     # differentiating entry c: k separate passes traced ~6x slower, a pfor batch_jacobian slower still.
-    tiled_f, tiled_y = (tf.nest.map_structure(lambda t: _tile(t, k), t) for t in (f, y))
+    tiled_f, tiled_y = tile_batch((f, y), k)
     with tf.GradientTape() as outer:
         outer.watch(tiled_f)
         grad = tf.reshape(_loss_gradient(objective, tiled_y, tiled_f), [k, n, k])
@@ -168,11 +169,6 @@ def _ggn_targets(objective, y, f):
     is_softmax = tf.reduce_all(tf.abs(hessian - softmax_hessian) <= tolerance)
     us, weights = tf.cond(is_softmax, lambda: _softmax_factor(p), lambda: _eigen_factor(hessian))
     return [tf.reshape(u, tf.shape(f)) for u in tf.unstack(us, axis=1)], tf.unstack(weights, axis=1)
-
-
-def _tile(t, copies):
-    t = tf.convert_to_tensor(t)
-    return tf.tile(t, tf.concat([[copies], tf.ones([t.shape.rank - 1], tf.int32)], 0))
 
 
 def _softmax_factor(p):
